@@ -1,0 +1,209 @@
+"""The only place that parses device names and memory sizes and asks for free memory.
+
+Public functions accept ``int | str | torch.device`` and ``"24GiB"``-style sizes; inside bigload a
+placement is a ``torch.device`` or the string ``"disk"``, and a size is an ``int`` of bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal, Union
+
+import torch
+
+from .errors import DeviceError, SizeError
+
+DISK: Literal["disk"] = "disk"
+Placement = Union[torch.device, Literal["disk"]]
+DeviceLike = Union[int, str, torch.device]
+
+_ACCELERATOR_TYPES = ("cuda", "xpu", "mps", "npu", "hpu")
+_KNOWN_TYPES = set(_ACCELERATOR_TYPES) | {"cpu", "meta"}
+
+
+def accelerator_type() -> str | None:
+    """The accelerator kind of this machine (``"cuda"``, ``"xpu"``, ``"mps"``, ...), or None."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        return acc.current_accelerator().type
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return None
+
+
+def accelerator_count() -> int:
+    kind = accelerator_type()
+    if kind is None:
+        return 0
+    module = getattr(torch, kind, None)
+    count = getattr(module, "device_count", None)
+    return int(count()) if count is not None else 1
+
+
+def parse_device(device: DeviceLike, *, check_available: bool = True) -> torch.device:
+    """Normalise ``0``, ``"cuda:1"``, ``torch.device``, ``"cpu"``, ``"meta"`` to a torch.device.
+
+    An int means the accelerator with that index (``cuda`` when the machine has none, so that
+    plans for GPUs can be made on a CPU machine with ``check_available=False``).
+    """
+    if isinstance(device, bool):
+        raise DeviceError(f"{device!r} is not a device; use an int index, 'cpu', 'cuda:0', ...")
+    if isinstance(device, int):
+        if device < 0:
+            raise DeviceError(f"device index {device} is negative; use 0, 1, ... or 'cpu'")
+        result = torch.device(accelerator_type() or "cuda", device)
+    elif isinstance(device, torch.device):
+        result = device
+    elif isinstance(device, str):
+        text = device.strip().lower()
+        if text.isdigit():
+            return parse_device(int(text), check_available=check_available)
+        try:
+            result = torch.device(text)
+        except (RuntimeError, ValueError) as err:
+            raise DeviceError(
+                f"unknown device {device!r}; use an int index, 'cpu', 'cuda:0', 'mps', 'xpu', "
+                "'meta' (or 'disk' where offload is allowed)"
+            ) from err
+    else:
+        raise DeviceError(f"{device!r} ({type(device).__name__}) is not a device")
+    if result.type not in _KNOWN_TYPES:
+        raise DeviceError(f"device type {result.type!r} of {device!r} is not supported by bigload")
+    if result.type in _ACCELERATOR_TYPES and result.index is None:
+        result = torch.device(result.type, 0)
+    if check_available:
+        _check_available(result, device)
+    return result
+
+
+def _check_available(device: torch.device, given: object) -> None:
+    if device.type in ("cpu", "meta"):
+        return
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {given!r}: MPS is not available on this machine")
+        return
+    module = getattr(torch, device.type, None)
+    available = module is not None and module.is_available()
+    if not available:
+        raise DeviceError(
+            f"device {given!r}: no {device.type} device is available on this machine; "
+            "use 'cpu' (and 'disk' for offload) or check the driver"
+        )
+    count = module.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(
+            f"device {given!r}: this machine has {count} {device.type} device(s) "
+            f"(indices 0..{count - 1})"
+        )
+
+
+def parse_placement(value: DeviceLike, *, check_available: bool = True) -> Placement:
+    """Like :func:`parse_device`, but also accepts ``"disk"``."""
+    if isinstance(value, str) and value.strip().lower() == DISK:
+        return DISK
+    return parse_device(value, check_available=check_available)
+
+
+def placement_str(placement: Placement) -> str:
+    """Canonical text of a placement: ``"cuda:0"``, ``"cpu"``, ``"disk"``."""
+    return placement if isinstance(placement, str) else str(placement)
+
+
+def is_accelerator(placement: Placement) -> bool:
+    return isinstance(placement, torch.device) and placement.type in _ACCELERATOR_TYPES
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40,
+    "p": 1000**5, "pb": 1000**5, "pib": 1 << 50, "pi": 1 << 50,
+}
+
+
+def parse_size(value: int | float | str, *, what: str = "size") -> int:
+    """``"24GiB"`` → 25769803776, ``"500MB"`` → 500000000, ``1024`` → 1024 (bytes)."""
+    if isinstance(value, bool):
+        raise SizeError(f"{what}: {value!r} is not a size")
+    if isinstance(value, (int, float)):
+        if not 0 <= value < float("inf"):  # also refuses NaN
+            raise SizeError(f"{what}: {value!r} is negative, infinite or not a number")
+        return int(value)
+    if not isinstance(value, str):
+        raise SizeError(f"{what}: {value!r} ({type(value).__name__}) is not a size")
+    match = _SIZE_RE.match(value)
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise SizeError(
+            f"{what}: cannot parse {value!r}; write bytes or a number with a unit such as "
+            "'10GiB', '10GB', '1.5GiB', '500MB'"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(size_bytes: int | float) -> str:
+    """1536 → '1.5 KiB'."""
+    size = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_max_memory(
+    max_memory: Mapping[DeviceLike, int | float | str], *, check_available: bool = False
+) -> dict[Placement, int]:
+    """Normalise a ``max_memory`` mapping's keys (placements) and values (bytes)."""
+    if not isinstance(max_memory, Mapping):
+        raise SizeError(f"max_memory must be a mapping such as {{0: '20GiB', 'cpu': '8GiB'}}, "
+                        f"not {type(max_memory).__name__}")
+    result: dict[Placement, int] = {}
+    for key, value in max_memory.items():
+        try:
+            placement = parse_placement(key, check_available=check_available)
+        except DeviceError as err:
+            raise SizeError(f"max_memory key {key!r}: {err}") from err
+        if placement == torch.device("meta"):
+            raise SizeError(f"max_memory key {key!r}: 'meta' holds no data and takes no budget")
+        if placement in result:
+            raise SizeError(f"max_memory names {placement_str(placement)} twice (key {key!r})")
+        result[placement] = parse_size(value, what=f"max_memory[{key!r}]")
+    return result
+
+
+def parse_max_memory_text(text: str) -> dict[Placement, int]:
+    """CLI form: ``"0=20GiB,cpu=8GiB,disk=100GiB"``."""
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SizeError(f"--max-memory: {part!r} is not KEY=SIZE (e.g. 0=20GiB,cpu=8GiB)")
+        pairs[key.strip()] = value.strip()
+    return parse_max_memory(pairs)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of a device now: accelerator free memory, or available RAM for the CPU."""
+    if device.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    module = getattr(torch, device.type, None)
+    if device.type == "cuda" or hasattr(module, "mem_get_info"):
+        free, _total = module.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    raise DeviceError(f"cannot ask {device} for its free memory")
