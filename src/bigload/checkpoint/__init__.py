@@ -1,0 +1,9 @@
+"""Checkpoints: ``read_index`` (headers only: name -> file, dtype, shape, bytes) and
+``CheckpointReader`` (zero-copy tensors from memory-mapped files)."""
+
+from __future__ import annotations
+
+from .index import CheckpointIndex, TensorEntry, read_index
+from .reader import CheckpointReader
+
+__all__ = ["CheckpointIndex", "CheckpointReader", "TensorEntry", "read_index"]

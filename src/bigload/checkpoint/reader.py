@@ -1,0 +1,144 @@
+"""Tensor bytes of an indexed checkpoint: zero-copy views of private (copy-on-write) mmaps for
+safetensors, memory-mapped state dicts for torch pickles. Files open lazily, once each."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+from pathlib import Path
+
+import torch
+
+from bigload.errors import CheckpointError, CorruptCheckpointError
+
+from ._torch_pickle import load_state_dict
+from ._types import CheckpointIndex, TensorEntry
+
+__all__ = ["CheckpointReader"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointReader:
+    """Reads tensors of ``index``; a context manager; ``get`` is thread-safe.
+
+    safetensors tensors are views of one ``mmap.ACCESS_COPY`` (MAP_PRIVATE) map per file: no
+    copy, pages come from the page cache on first touch, and writing to a tensor never changes
+    the file. ``mmap_for(file)`` hands out that map so offload code can ``madvise`` it.
+    """
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._lock = threading.Lock()
+        self._closed = False
+        self._mmaps: dict[Path, mmap.mmap] = {}
+        self._bytes: dict[Path, torch.Tensor] = {}  # one uint8 tensor over each whole map
+        self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get(self, name: str) -> torch.Tensor:
+        """The CPU tensor stored as ``name``, with its stored dtype and shape."""
+        entry = self.index[name]
+        if entry.byte_range is None:
+            return self._torch_tensor(entry)
+        return self._safetensors_tensor(entry)
+
+    def mmap_for(self, file: str | Path) -> mmap.mmap:
+        """The private map of safetensors ``file`` (one of ``index.files``), opened if needed.
+
+        Owned by the reader: do not close it. Tensors from ``get`` view it at their entry's
+        ``byte_range``; e.g. ``mm.madvise(mmap.MADV_WILLNEED, start, length)`` to prefetch, or
+        ``MADV_DONTNEED`` to drop pages (``start`` a multiple of ``mmap.PAGESIZE``) — unmodified
+        pages read back from the file on the next touch.
+        """
+        path = Path(file)
+        if path not in self.index.files or self.index.format != "safetensors":
+            raise ValueError(
+                f"'{path}' is not a safetensors file of checkpoint '{self.index.root}' "
+                f"(format {self.index.format}, files: {[f.name for f in self.index.files]})"
+            )
+        self._file_bytes(path)
+        return self._mmaps[path]
+
+    def close(self) -> None:
+        """Drop every map and state dict. Tensors still alive keep their memory valid: their
+        map is unmapped when the last of them is freed."""
+        with self._lock:
+            self._closed = True
+            self._bytes.clear()
+            self._state_dicts.clear()
+            for path, mm in self._mmaps.items():
+                _close_quietly(path, mm)
+            self._mmaps.clear()
+
+    def _safetensors_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        start, end = entry.byte_range
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        data = self._file_bytes(entry.file)
+        if end > data.numel():
+            raise CorruptCheckpointError(
+                f"'{entry.name}' ends at byte {end} of '{entry.file}', which now has "
+                f"{data.numel()} bytes: the file changed since it was indexed. Index it again."
+            )
+        raw = data[start:end]
+        if start % entry.dtype.itemsize:
+            raw = raw.clone()  # a misaligned start cannot be viewed as `dtype`
+        return raw.view(entry.dtype).view(entry.shape)
+
+    def _torch_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        state_dict = self._state_dict(entry.file)
+        if entry.name not in state_dict:
+            raise CorruptCheckpointError(
+                f"'{entry.name}' is no longer in '{entry.file}': the file changed since it was "
+                "indexed. Index it again."
+            )
+        return state_dict[entry.name].detach().contiguous()
+
+    def _file_bytes(self, path: Path) -> torch.Tensor:
+        data = self._bytes.get(path)
+        if data is not None:
+            return data
+        with self._lock:
+            self._check_open()
+            if path not in self._bytes:
+                self._bytes[path] = self._map(path)
+            return self._bytes[path]
+
+    def _map(self, path: Path) -> torch.Tensor:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._mmaps[path] = mm
+        # torch.frombuffer releases its buffer export at once; the memoryview it keeps alive
+        # holds one, so mm.close() raises BufferError instead of unmapping under a live tensor.
+        return torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+
+    def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
+        state_dict = self._state_dicts.get(path)
+        if state_dict is not None:
+            return state_dict
+        with self._lock:
+            self._check_open()
+            if path not in self._state_dicts:
+                self._state_dicts[path] = load_state_dict(path)[0]
+            return self._state_dicts[path]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(
+                f"the reader of checkpoint '{self.index.root}' is closed; open a new "
+                "CheckpointReader."
+            )
+
+
+def _close_quietly(path: Path, mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        logger.debug("'%s' is still viewed by live tensors; unmapped when they are freed", path)
