@@ -1,0 +1,229 @@
+"""One call for transformers checkpoints: resolve the folder, build the skeleton from its config
+(transformers' declarations honoured), plan, load, dispatch. transformers is an optional extra.
+
+A sentence-transformers folder (``modules.json``) loads as a :class:`SentenceEncoder`: its
+transformer placed by bigload, plus the folder's pooling and normalisation, with an ``encode()``
+like sentence-transformers'. (We do not build a ``SentenceTransformer`` object: it would load the
+weights a second time, eagerly, with its own loader.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointIndex, read_index
+from .errors import ModelResolveError
+from .skeleton import init_empty_weights
+
+logger = logging.getLogger(__name__)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ModelResolveError(
+            "loading a model folder needs transformers: pip install 'bigload[hf]'"
+        ) from err
+    return transformers
+
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
+    """A local folder with config.json, or a model id found in the local Hugging Face cache
+    (resolved offline; nothing is downloaded)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+            raise ModelResolveError(
+                f"'{path.resolve()}' has no config.json: bigload.load needs a transformers model "
+                "folder (config.json + weights). For a bare checkpoint use "
+                "bigload.load_checkpoint_and_dispatch(model, path, ...)."
+            )
+        return path.resolve()
+    if path.exists():
+        raise ModelResolveError(f"'{path.resolve()}' is a file; pass the model's folder")
+    return _from_hub_cache(str(path_or_id))
+
+
+def _from_hub_cache(model_id: str) -> Path:
+    if model_id.count("/") > 1 or not model_id.strip():
+        raise ModelResolveError(f"'{model_id}' is neither a folder nor a model id ('org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model_id, local_files_only=True)
+    except ImportError as err:
+        raise ModelResolveError(
+            f"'{model_id}' is not a folder, and huggingface_hub (to look in the local cache) is "
+            "not installed: pip install 'bigload[hf]'"
+        ) from err
+    except Exception as err:  # huggingface_hub raises several kinds here
+        raise ModelResolveError(
+            f"'{model_id}' is not a local folder and not in the Hugging Face cache "
+            f"({type(err).__name__}). bigload never downloads: fetch it first (e.g. "
+            f"`hf download {model_id}`) or pass a folder path."
+        ) from err
+    return Path(folder)
+
+
+def model_dtype(config: Any, index: CheckpointIndex, dtype: torch.dtype | str | None) -> Any:
+    """transformers' ``dtype="auto"``: the config's dtype, else the checkpoint's first float."""
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    configured = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(
+        config, "torch_dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    for entry in index.entries.values():
+        if entry.dtype.is_floating_point:
+            return entry.dtype
+    return torch.float32
+
+
+def model_class_for(config: Any, model_class: Any = None) -> Any:
+    """The class to build: ``model_class``, else ``config.architectures[0]``, else AutoModel."""
+    transformers = _transformers()
+    if model_class is not None:
+        return getattr(transformers, model_class) if isinstance(model_class, str) else model_class
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+        logger.warning("architecture %r is not in transformers; trying the Auto classes", name)
+    return transformers.AutoModel
+
+
+def build_skeleton(config: Any, cls: Any, dtype: torch.dtype) -> nn.Module:
+    """The model on ``meta`` (non-persistent buffers real), in ``dtype``, ties made."""
+    with init_empty_weights():
+        if hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
+            model = cls.from_config(config, dtype=dtype)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def init_fn_for(model: nn.Module) -> Any:
+    """transformers' own initialisation of one module, for ``missing="init"``."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return None
+
+    def init_module(module: nn.Module) -> None:
+        init(module)
+
+    init_module.__qualname__ = f"{type(model).__name__}._init_weights"
+    return init_module
+
+
+def load(
+    path_or_id: str | os.PathLike,
+    *,
+    device_map: Any = "auto",
+    max_memory: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    missing: str | None = None,
+    model_class: Any = None,
+    progress: bool | None = None,
+    prefetch: int | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+) -> nn.Module:
+    """Load a transformers model folder (or a cached model id) ready to run.
+
+    Plans over ``max_memory`` (default: free accelerator memory, most of the RAM, then disk),
+    loads every tensor to its place and attaches the hooks. Missing weights are initialised
+    with the model's own ``_init_weights`` and reported (``missing="error"`` refuses). The plan
+    and the LoadReport are ``model.bigload_plan`` and ``model.bigload_report``.
+    """
+    folder = resolve_model_path(path_or_id)
+    if (folder / "modules.json").is_file():
+        from .sentence import load_sentence_encoder
+
+        return load_sentence_encoder(
+            folder, device_map=device_map, max_memory=max_memory, dtype=dtype,
+            offload_dir=offload_dir, missing=missing, progress=progress, prefetch=prefetch,
+        )
+    return load_transformers_model(
+        folder, device_map=device_map, max_memory=max_memory, dtype=dtype,
+        offload_dir=offload_dir, missing=missing, model_class=model_class, progress=progress,
+        prefetch=prefetch, no_split_module_classes=no_split_module_classes,
+    )
+
+
+def load_transformers_model(
+    folder: Path,
+    *,
+    device_map: Any = "auto",
+    max_memory: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    missing: str | None = None,
+    model_class: Any = None,
+    progress: bool | None = None,
+    prefetch: int | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+) -> nn.Module:
+    from .load import load_checkpoint_and_dispatch
+
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(folder)
+    index = read_index(folder)
+    target_dtype = model_dtype(config, index, dtype)
+    model = build_skeleton(config, model_class_for(config, model_class), target_dtype)
+    no_split = no_split_module_classes
+    if no_split is None:
+        no_split = list(getattr(model, "_no_split_modules", None) or []) or None
+    keep_fp32 = _keep_in_fp32(model, target_dtype)
+    load_checkpoint_and_dispatch(
+        model, index, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split, offload_folder=offload_dir, dtype=target_dtype,
+        keep_in_fp32_modules=keep_fp32, missing=missing or "init",  # type: ignore[arg-type]
+        init_fn=init_fn_for(model), progress=progress, prefetch=prefetch,
+        key_map=checkpoint_key_map(model),
+    )
+    _load_generation_config(model, folder, transformers)
+    model.eval()
+    return model
+
+
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> list[str] | None:
+    names = getattr(model, "_keep_in_fp32_modules", None) or []
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    if dtype == torch.float32:
+        return None
+    keep = list(strict) + (list(names) if dtype == torch.float16 else [])
+    return keep or None
+
+
+def checkpoint_key_map(model: nn.Module) -> dict[str, str] | None:
+    """Renames transformers applies to this model's checkpoints
+    (``_checkpoint_conversion_mapping``, regex → replacement)."""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    return dict(mapping) or None
+
+
+def _load_generation_config(model: nn.Module, folder: Path, transformers: Any) -> None:
+    if not (folder / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    try:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring generation_config.json in %s: %s", folder, err)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
