@@ -144,7 +144,7 @@ def dispatch_model(
     _check_coverage(model, dmap)
     _place_resident(model, dmap, store, main)
     _offload_to_disk(model, dmap, store, offload_dir)
-    units = _build_units(model, dmap, main, preload_module_classes, offload_buffers)
+    units = _build_units(model, dmap, main, preload_module_classes, _plan_units(device_map))
     keys = [skip_keys] if isinstance(skip_keys, str) else list(skip_keys or _model_skip_keys(model))
     state = DispatchState(units, store, main, keys, prefetch_depth(prefetch))
     _attach(model, state)
@@ -347,35 +347,57 @@ def _offload_to_disk(
 
 def _build_units(
     model: nn.Module, dmap: DeviceMap, main: torch.device,
-    preload: Sequence[str] | None, offload_buffers: bool,
+    preload: Sequence[str] | None, plan_units: DeviceMap | None,
 ) -> list[Unit]:
+    """Hooked units: the plan's own units when a DevicePlan is given; otherwise the map's
+    entries, offloaded ones split into blocks (declared no-split or ``preload_module_classes``
+    modules stay whole) so that they page in one block at a time."""
     keep_whole = set(preload or ()) | set(getattr(model, "_no_split_modules", None) or ())
     units: list[Unit] = []
-    for name, placement in dmap.items():
-        execution = placement if isinstance(placement, torch.device) and placement.type != "cpu" \
-            else main if placement in (DISK, torch.device("cpu")) else placement
-        if placement == torch.device("cpu") and main.type == "cpu":
-            execution = main
-        for unit_name, module in _unit_modules(model, name, placement, keep_whole):
-            units.append(Unit(unit_name, module, placement, execution))
+    for name, placement in (plan_units or dmap).items():
+        execution = _execution_device(placement, main)
+        offloaded = placement == DISK or placement != execution
+        whole = plan_units is not None or not offloaded
+        pieces = [(name, _hook_module(model, name))] if whole else _split_key(
+            model, name, keep_whole)
+        units.extend(Unit(n, module, placement, execution) for n, module in pieces)
     _assign_slots(model, units, dmap)
-    return [u for u in units if u.slots or u.name == ""]
+    return [u for u in units if u.slots]
 
 
-def _unit_modules(model: nn.Module, name: str, placement: Placement,
-                  keep_whole: set[str]) -> list[tuple[str, nn.Module]]:
+def _plan_units(device_map: Any) -> DeviceMap | None:
+    units = getattr(device_map, "units", None)
+    if units is None or isinstance(device_map, Mapping):
+        return None
+    return {u.name: normalize_device_map({"": u.placement})[""] for u in units}
+
+
+def _execution_device(placement: Placement, main: torch.device) -> torch.device:
+    if placement == DISK or placement == torch.device("cpu"):
+        return main
+    return placement  # type: ignore[return-value]
+
+
+def _hook_module(model: nn.Module, name: str) -> nn.Module:
+    """The module whose forward a unit hooks: the named module, or a tensor's owner."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        owner = name.rpartition(".")[0]
+        return model.get_submodule(owner) if owner else model
+
+
+def _split_key(model: nn.Module, name: str, keep_whole: set[str]) -> list[tuple[str, nn.Module]]:
     try:
         module = model.get_submodule(name) if name else model
     except AttributeError:  # a tensor key: its owner runs it
-        owner = name.rpartition(".")[0]
-        return [(name, model.get_submodule(owner) if owner else model)]
-    if name or placement not in (DISK, torch.device("cpu")):
-        return [(name, module)]
-    return list(_split(name, module, keep_whole))  # a whole-model offload pages block by block
+        return [(name, _hook_module(model, name))]
+    return list(_split(name, module, keep_whole))
 
 
 def _split(name: str, module: nn.Module, keep_whole: set[str]) -> Iterable[tuple[str, nn.Module]]:
-    direct = any(t is not None for t in module._parameters.values())
+    direct = any(t is not None for t in module._parameters.values()) or any(
+        t is not None for t in module._buffers.values())
     if direct or type(module).__name__ in keep_whole or not any(True for _ in module.children()):
         yield name, module
         return
@@ -538,7 +560,9 @@ def _stored(state: DispatchState, slot: TensorSlot) -> torch.Tensor:
 def _prefetch_next(state: DispatchState, position: int) -> None:
     if state.depth <= 0:
         return
-    upcoming = [u for u in state.units[position + 1:] if u.offloaded][: state.depth]
+    # in execution order, wrapping around: the next forward (the next token) starts at the top
+    order = state.units[position + 1:] + state.units[:position]
+    upcoming = [u for u in order if u.offloaded][: state.depth]
     for unit in upcoming:
         if unit.placement == DISK:
             state.store.prefetch(s.fqn for s in unit.slots)

@@ -490,7 +490,7 @@ def load_checkpoint_and_dispatch(
         key_map=key_map, offload_folder=offload_folder, progress=progress, init_fn=init_fn,
     )
     if device_map is not None:
-        dispatch_model(model, device_map, offload_dir=offload_folder,
+        dispatch_model(model, plan or device_map, offload_dir=offload_folder,
                        offload_buffers=offload_buffers, skip_keys=skip_keys,
                        preload_module_classes=preload_module_classes, prefetch=prefetch,
                        force_hooks=force_hooks)
