@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import CheckpointIndex, read_index
 from .errors import ModelResolveError
+from .hf_conversions import prepare_checkpoint
 from .skeleton import init_empty_weights
 
 logger = logging.getLogger(__name__)
@@ -187,12 +188,13 @@ def load_transformers_model(
     if no_split is None:
         no_split = list(getattr(model, "_no_split_modules", None) or []) or None
     keep_fp32 = _keep_in_fp32(model, target_dtype)
+    index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model))
     load_checkpoint_and_dispatch(
         model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split, offload_folder=offload_dir, dtype=target_dtype,
         keep_in_fp32_modules=keep_fp32, missing=missing or "init",  # type: ignore[arg-type]
         init_fn=init_fn_for(model), progress=progress, prefetch=prefetch,
-        key_map=checkpoint_key_map(model),
+        key_map=key_map,
     )
     _load_generation_config(model, folder, transformers)
     model.eval()
@@ -227,3 +229,56 @@ def _load_generation_config(model: nn.Module, folder: Path, transformers: Any) -
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# --- the model of a folder without its weights (the CLI's plan and verify) ---------------------
+_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+
+
+def transformer_folder(folder: Path) -> Path:
+    """The folder holding the transformers model: ``folder``, or for a sentence-transformers
+    folder (``modules.json``) the path of its Transformer module."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return folder
+    for module in read_json(modules):
+        if module.get("type") == _ST_TRANSFORMER:
+            return folder / module.get("path", "")
+    raise ModelResolveError(f"'{modules}' has no {_ST_TRANSFORMER} module")
+
+
+def build_model_skeleton(
+    path_or_id: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+    model_class: Any = None,
+) -> tuple[nn.Module, CheckpointIndex, Any]:
+    """``(model, index, config)``: the model :func:`load` would build, on ``meta`` in the dtype
+    it would use (:func:`model_dtype`), with the checkpoint's index. Reads no tensor data."""
+    folder = transformer_folder(resolve_model_path(path_or_id))
+    config = _transformers().AutoConfig.from_pretrained(folder)
+    index = read_index(folder)
+    target_dtype = model_dtype(config, index, dtype)
+    return build_skeleton(config, model_class_for(config, model_class), target_dtype), index, config
+
+
+def plan_model(
+    model: nn.Module, *, dtype: torch.dtype, max_memory: Mapping[Any, int | str] | None = None,
+    strategy: str = "auto", no_split_module_classes: Sequence[str] | None = None,
+) -> Any:
+    """The DevicePlan :func:`load` would make for a skeleton from :func:`build_model_skeleton`."""
+    from .plan import plan_devices
+
+    no_split = no_split_module_classes
+    if no_split is None:
+        no_split = list(getattr(model, "_no_split_modules", None) or []) or None
+    return plan_devices(
+        model, max_memory=max_memory, strategy=strategy,  # type: ignore[arg-type]
+        no_split_module_classes=no_split, dtype=dtype,
+        keep_in_fp32_modules=_keep_in_fp32(model, dtype),
+    )
+
+
+def verify_model(model: nn.Module, index: CheckpointIndex) -> Any:
+    """The VerifyReport :func:`load` would act on (same key map as the load)."""
+    from .verify import verify
+
+    return verify(model, index, key_map=checkpoint_key_map(model))

