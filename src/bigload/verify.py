@@ -80,6 +80,7 @@ class VerifyReport:
     prefix_change: str | None
     planned: Mapping[str, str] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    tie_hints: Mapping[str, str] = field(default_factory=dict)  # missing fqn -> embedding fqn
 
     @property
     def ok(self) -> bool:
@@ -186,7 +187,19 @@ def verify(
         meta_nonpersistent=tuple(s.fqn for s in nonpersistent if s.tensor.device.type == "meta"),
         prefix_change=match.prefix_change,
         planned=_planned(tensors, device_map), shapes={t.fqn: t.shape for t in tensors},
+        tie_hints=_tie_candidates(tensors, set(missing), key_for),
     )
+
+
+def _tie_candidates(
+    tensors: list[ModelTensor], missing: set[str], loaded: Mapping[str, str]
+) -> dict[str, str]:
+    """Missing output projections that have the shape of a loaded embedding: likely an untied
+    tie (the model declares one, the skeleton lost it)."""
+    embeddings = {t.shape: t.fqn for t in tensors
+                  if t.fqn in loaded and isinstance(t.slot.owner, nn.Embedding)}
+    return {t.fqn: embeddings[t.shape] for t in tensors
+            if t.fqn in missing and isinstance(t.slot.owner, nn.Linear) and t.shape in embeddings}
 
 
 def _matches_nonpersistent(key: str, names: set[str]) -> bool:
@@ -257,14 +270,11 @@ def _advice(report: VerifyReport, missing: str) -> str:
         tips.append("a shape mismatch means the model's config differs from the checkpoint's")
     if report.unexpected and report.missing:
         tips.append(prefix_hint(list(report.missing), list(report.unexpected)).strip())
-    return "; ".join(t for t in tips if t) + "."
+    return "; ".join(t.rstrip(".") for t in tips if t) + "."
 
 
 def _tie_hint(report: VerifyReport) -> str:
-    for name in report.missing:
-        shape = report.shapes.get(name)
-        for other in report.key_for:
-            if report.shapes.get(other) == shape and other != name:
-                return (f"{name!r} has the shape of {other!r}: if the model ties them, tie them "
-                        "before loading (model.tie_weights(), or tie_weights=True)")
+    for name, embedding in report.tie_hints.items():
+        return (f"{name!r} has the shape of the embedding {embedding!r}: if the model ties them, "
+                "tie them before loading (model.tie_weights())")
     return ""
