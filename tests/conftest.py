@@ -250,3 +250,79 @@ def tiny_llama_config():
         intermediate_size=64,
         vocab_size=100,
     )
+
+
+# --- models for loading and dispatch (test_keys, test_offload, test_dispatch) ------------------
+class WrappedNestedModel(nn.Module):
+    """A ``model.`` wrapper around :class:`NestedBlocksModel` (keys gain a ``model.`` prefix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = NestedBlocksModel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class TwinLinearsModel(nn.Module):
+    """Two identical submodules: a bare Linear checkpoint fits ``enc.`` and ``dec.`` equally."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+
+
+class ChainModel(nn.Module):
+    """Three leaf Linears called in a row: a disk map gives three units, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+class ParentReadsChildModel(nn.Module):
+    """The parent's forward reads ``self.child.weight`` directly; ``child.forward`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.child = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) @ self.child.weight.T + self.child.bias
+
+
+class CacheBlock(nn.Module):
+    """Takes a dict ``cache`` and a float by keyword and records the id of the cache it got;
+    holds its weight itself, so a map entry for it is one hooked unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.seen: list[int] = []
+
+    def forward(self, x, *, cache=None, scale=1.0):
+        if cache is not None:
+            self.seen.append(id(cache))
+            cache.setdefault("steps", []).append(x.shape[0])
+        return x @ self.weight.T * scale
+
+
+class KwargsCacheModel(nn.Module):
+    """Passes a dict cache by keyword to :class:`CacheBlock`; declares it a skip key."""
+
+    _skip_keys_device_placement = "cache"
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.block = CacheBlock()
+
+    def forward(self, x, cache=None, scale=1.0):
+        return self.block(self.pre(x), cache=cache, scale=scale)

@@ -47,11 +47,11 @@ _EXPORTS: dict[str, str] = {
     "clean_device_map": "plan",
     "check_device_map": "plan",
     # verify and load
-    "verify": "verify",
-    "VerifyReport": "verify",
-    "load_checkpoint_in_model": "load",
-    "load_checkpoint_and_dispatch": "load",
-    "LoadReport": "load",
+    "verify": "preflight",
+    "VerifyReport": "preflight",
+    "load_checkpoint_in_model": "loader",
+    "load_checkpoint_and_dispatch": "loader",
+    "LoadReport": "loader",
     # dispatch and offload
     "dispatch_model": "dispatch",
     "cpu_offload": "dispatch",

@@ -35,6 +35,7 @@ from .offload import (
     STORE_ATTR,
     OffloadStore,
     StoredTensor,
+    content_digest,
     fingerprint,
     open_offload_folder,
     stored_views,
@@ -64,6 +65,7 @@ class Unit:
     placement: Placement
     execution_device: torch.device
     slots: list[TensorSlot] = field(default_factory=list)
+    borrowed: list[TensorSlot] = field(default_factory=list)  # tie aliases paged by another unit
 
     @property
     def offloaded(self) -> bool:
@@ -87,6 +89,7 @@ class DispatchState:
         self.depth = depth
         self.handles: list[Any] = []
         self.swapped: dict[str, torch.Tensor] = {}  # fqn -> device copy while a unit runs
+        self.swapped_by: dict[int, list[TensorSlot]] = {}  # id(unit) -> what it swapped in
         self.ahead: dict[str, dict[str, torch.Tensor]] = {}  # unit -> prefetched device copies
         self.stream = _side_stream(main_device)
         self.caller_device: torch.device | None = None
@@ -101,7 +104,7 @@ class DispatchState:
             if unit.placement == DISK:
                 unit.placement = torch.device("cpu")
         new.store = OffloadStore()
-        new.handles, new.swapped, new.ahead = [], {}, {}
+        new.handles, new.swapped, new.swapped_by, new.ahead = [], {}, {}, {}
         return new
 
 
@@ -162,7 +165,8 @@ def remove_hooks(model: nn.Module) -> nn.Module:
     for unit in state.units:
         _swap_out(state, unit)
     _remove_hook_objects(model)
-    model.__dict__.pop("to", None)
+    for name in ("to", "cpu", "cuda", "xpu", *_CASTS):
+        model.__dict__.pop(name, None)
     return model
 
 
@@ -327,7 +331,8 @@ def _offload_to_disk(
             "bigload.load_checkpoint_and_dispatch, which serves safetensors files directly)"
         )
     specs = [(s.fqn, s.tensor.dtype, tuple(s.tensor.shape)) for s in todo]
-    value = fingerprint(type(model).__name__, specs, "model tensors")
+    value = fingerprint(type(model).__name__, specs,
+                        "model tensors " + content_digest((s.fqn, s.tensor) for s in todo))
     folder = Path(offload_dir).resolve()
     reader = open_offload_folder(folder, value)
     if reader is None:
@@ -362,7 +367,7 @@ def _build_units(
             model, name, keep_whole)
         units.extend(Unit(n, module, placement, execution) for n, module in pieces)
     _assign_slots(model, units, dmap)
-    return [u for u in units if u.slots]
+    return [u for u in units if u.slots or u.borrowed]
 
 
 def _plan_units(device_map: Any) -> DeviceMap | None:
@@ -406,15 +411,26 @@ def _split(name: str, module: nn.Module, keep_whole: set[str]) -> Iterable[tuple
 
 
 def _assign_slots(model: nn.Module, units: list[Unit], dmap: DeviceMap) -> None:
+    """Each tensor belongs to the unit of its first name. A tie alias in another unit that runs
+    on an accelerator while the owner pages its weights in *borrows* the tensor: it is swapped
+    in around that unit's forward too (a tied lm_head on GPU, its embedding on disk)."""
     by_name = {u.name: u for u in units}
-    seen: set[int] = set()
+    owner_of: dict[int, tuple[Unit, TensorSlot]] = {}
+    aliases: list[tuple[Unit, int]] = []
     for slot in iter_slots(model):
-        if id(slot.tensor) in seen:
-            continue
-        seen.add(id(slot.tensor))
         unit = _deepest_unit(by_name, slot.fqn)
-        if unit is not None:
+        if unit is None:
+            continue
+        key = id(slot.tensor)
+        if key not in owner_of:
+            owner_of[key] = (unit, slot)
             unit.slots.append(slot)
+        elif owner_of[key][0] is not unit:
+            aliases.append((unit, key))
+    for unit, key in aliases:
+        owner, slot = owner_of[key]
+        if owner.swaps and slot not in unit.borrowed:
+            unit.borrowed.append(slot)
 
 
 def _deepest_unit(by_name: Mapping[str, Unit], fqn: str) -> Unit | None:
@@ -440,6 +456,7 @@ def _attach(model: nn.Module, state: DispatchState) -> None:
     model.register_forward_pre_hook(_RootPreHook(), with_kwargs=True, prepend=True)
     model.register_forward_hook(_RootPostHook(), with_kwargs=True)
     model.__dict__["to"] = types.MethodType(_guarded_to, model)
+    _guard_casts(model)
 
 
 class _UnitPreHook:
@@ -453,8 +470,10 @@ class _UnitPreHook:
             state.store.wait(s.fqn for s in unit.slots)
             _check_unchanged(state, unit)
             if unit.swaps:
-                _swap_in(state, unit)
+                _swap_in(state, unit, unit.slots)
             _prefetch_next(state, self.position)
+        if unit.borrowed:
+            _swap_in(state, unit, unit.borrowed)
         return send_to_device((args, kwargs), unit.execution_device, state.skip_keys)
 
 
@@ -465,7 +484,7 @@ class _UnitPostHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state: DispatchState = module.__dict__[STATE_ATTR]
         unit = state.units[self.position]
-        if unit.swaps:
+        if unit.swaps or unit.borrowed:
             _swap_out(state, unit)
         if unit.placement == DISK:
             state.store.release(s.fqn for s in unit.slots)
@@ -531,20 +550,27 @@ def _refuse_backward(state: DispatchState, unit: Unit) -> None:
             state.handles.append(tensor.register_post_accumulate_grad_hook(refuse))
 
 
-def _swap_in(state: DispatchState, unit: Unit) -> None:
+def _swap_in(state: DispatchState, unit: Unit, slots: list[TensorSlot]) -> None:
+    """Copy ``slots`` to the unit's execution device and swap them into their parameters
+    (identity kept). A tensor already swapped in (by an enclosing unit) is left as it is."""
     ready = state.ahead.pop(unit.name, None)
     if ready is not None and state.stream is not None:
         torch.cuda.current_stream(unit.execution_device).wait_stream(state.stream)
-    for slot in unit.slots:
+    mine = state.swapped_by.setdefault(id(unit), [])
+    for slot in slots:
+        if slot.fqn in state.swapped:
+            continue
         copy_ = ready.get(slot.fqn) if ready else None
         if copy_ is None:
             copy_ = _stored(state, slot).to(unit.execution_device, non_blocking=True)
         state.swapped[slot.fqn] = copy_
+        mine.append(slot)
         replace_tensor(slot, copy_)
 
 
 def _swap_out(state: DispatchState, unit: Unit) -> None:
-    for slot in unit.slots:
+    """Swap back what this unit swapped in: the parameters hold their stored tensors again."""
+    for slot in state.swapped_by.pop(id(unit), []):
         if state.swapped.pop(slot.fqn, None) is not None:
             replace_tensor(slot, _stored(state, slot))
 
@@ -634,21 +660,42 @@ def _first_device(obj: Any) -> torch.device | None:
 # --- a dispatched model stays a normal model -------------------------------------------------
 
 def _guarded_to(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """``model.to(...)`` of a dispatched model: a no-op where it already runs, an error else."""
-    state: DispatchState = model.__dict__[STATE_ATTR]
+    """``model.to(...)`` of a dispatched model: a no-op where it already runs (and in the dtype
+    it has), a DispatchError otherwise."""
     device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
-    if dtype is not None:
-        raise DispatchError(
-            f"{type(model).__name__} is dispatched; casting it with .to({dtype}) would copy "
-            "every offloaded weight into memory. Load it with dtype=... instead."
-        )
-    if device is None or _same_device(parse_device(device), state):
+    return _check_move(model, device, dtype, f".to({', '.join(map(str, args))})")
+
+
+def _check_move(model: nn.Module, device: Any, dtype: torch.dtype | None, call: str) -> nn.Module:
+    state: DispatchState = model.__dict__[STATE_ATTR]
+    target = parse_device(device, check_available=False) if device is not None else None
+    same_dtype = dtype is None or all(
+        t.dtype == dtype for t in model.parameters() if t.is_floating_point())
+    if (target is None or _same_device(target, state)) and same_dtype:
         return model
-    raise DispatchError(
-        f"{type(model).__name__} is dispatched over {_placements(state)} and runs on "
-        f"{state.main_device}; .to({device}) would undo that. Call "
-        "bigload.remove_hooks(model) first, or dispatch again with another map."
-    )
+    reason = (f"casting it to {dtype} would copy every offloaded weight into memory; load it "
+              "with dtype=... instead") if not same_dtype else (
+        f"it runs on {state.main_device} over {_placements(state)}, and {call} would undo that; "
+        "call bigload.remove_hooks(model) first, or dispatch again with another map")
+    raise DispatchError(f"{type(model).__name__} is dispatched: {reason}.")
+
+
+_CASTS = {"half": torch.float16, "float": torch.float32, "double": torch.float64,
+          "bfloat16": torch.bfloat16}
+
+
+def _guard_casts(model: nn.Module) -> None:
+    """``half()``/``float()``/``cuda()``/``cpu()``... bypass ``to``: guard them the same way."""
+    for name, dtype in _CASTS.items():
+        model.__dict__[name] = types.MethodType(
+            lambda m, _d=dtype, _n=name: _check_move(m, None, _d, f".{_n}()"), model)
+    for kind in ("cuda", "xpu"):
+        model.__dict__[kind] = types.MethodType(
+            lambda m, device=None, _k=kind, **_kw: _check_move(
+                m, torch.device(_k, device if isinstance(device, int) else 0)
+                if not isinstance(device, (str, torch.device)) else device, None, f".{_k}()"),
+            model)
+    model.__dict__["cpu"] = types.MethodType(lambda m: _check_move(m, "cpu", None, ".cpu()"), model)
 
 
 def _same_device(device: torch.device, state: DispatchState) -> bool:

@@ -177,26 +177,21 @@ def load_transformers_model(
     prefetch: int | None = None,
     no_split_module_classes: Sequence[str] | None = None,
 ) -> nn.Module:
-    from .load import load_checkpoint_and_dispatch
+    from .loader import load_checkpoint_and_dispatch
 
-    transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(folder)
-    index = read_index(folder)
-    target_dtype = model_dtype(config, index, dtype)
-    model = build_skeleton(config, model_class_for(config, model_class), target_dtype)
+    model, index, _config, target_dtype = _skeleton(folder, dtype, model_class)
     no_split = no_split_module_classes
     if no_split is None:
         no_split = list(getattr(model, "_no_split_modules", None) or []) or None
-    keep_fp32 = _keep_in_fp32(model, target_dtype)
     index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model))
     load_checkpoint_and_dispatch(
         model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split, offload_folder=offload_dir, dtype=target_dtype,
-        keep_in_fp32_modules=keep_fp32, missing=missing or "init",  # type: ignore[arg-type]
-        init_fn=init_fn_for(model), progress=progress, prefetch=prefetch,
-        key_map=key_map,
+        keep_in_fp32_modules=_keep_in_fp32(model, target_dtype),
+        missing=missing or "init",  # type: ignore[arg-type]
+        init_fn=init_fn_for(model), progress=progress, prefetch=prefetch, key_map=key_map,
     )
-    _load_generation_config(model, folder, transformers)
+    _load_generation_config(model, folder, _transformers())
     model.eval()
     return model
 
@@ -254,10 +249,18 @@ def build_model_skeleton(
     """``(model, index, config)``: the model :func:`load` would build, on ``meta`` in the dtype
     it would use (:func:`model_dtype`), with the checkpoint's index. Reads no tensor data."""
     folder = transformer_folder(resolve_model_path(path_or_id))
+    model, index, config, _dtype = _skeleton(folder, dtype, model_class)
+    return model, index, config
+
+
+def _skeleton(
+    folder: Path, dtype: torch.dtype | str | None, model_class: Any
+) -> tuple[nn.Module, CheckpointIndex, Any, torch.dtype]:
     config = _transformers().AutoConfig.from_pretrained(folder)
     index = read_index(folder)
     target_dtype = model_dtype(config, index, dtype)
-    return build_skeleton(config, model_class_for(config, model_class), target_dtype), index, config
+    model = build_skeleton(config, model_class_for(config, model_class), target_dtype)
+    return model, index, config, target_dtype
 
 
 def plan_model(
@@ -279,6 +282,7 @@ def plan_model(
 
 def verify_model(model: nn.Module, index: CheckpointIndex) -> Any:
     """The VerifyReport :func:`load` would act on (same key map as the load)."""
-    from .verify import verify
+    from .preflight import verify
 
-    return verify(model, index, key_map=checkpoint_key_map(model))
+    index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model), read=False)
+    return verify(model, index, key_map=key_map)

@@ -135,6 +135,17 @@ def fingerprint(model_class: str, specs: Iterable[tuple[str, torch.dtype, tuple[
     return digest.hexdigest()
 
 
+def content_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of tensor values, for folders written from tensors in memory: a model of the same
+    architecture with other weights must not reuse the folder."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name, tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def source_identity(files: Iterable[Path]) -> str:
     """Which checkpoint a folder was converted from: paths, sizes and modification times."""
     parts = []

@@ -4,6 +4,6 @@
 from __future__ import annotations
 
 from .index import CheckpointIndex, TensorEntry, read_index
-from .reader import CheckpointReader
+from .reader import CheckpointReader, open_reader
 
-__all__ = ["CheckpointIndex", "CheckpointReader", "TensorEntry", "read_index"]
+__all__ = ["CheckpointIndex", "CheckpointReader", "TensorEntry", "open_reader", "read_index"]

@@ -15,7 +15,7 @@ from bigload.errors import CheckpointError, CorruptCheckpointError
 from ._torch_pickle import load_state_dict
 from ._types import CheckpointIndex, TensorEntry
 
-__all__ = ["CheckpointReader"]
+__all__ = ["CheckpointReader", "open_reader"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,3 +142,10 @@ def _close_quietly(path: Path, mm: mmap.mmap) -> None:
         mm.close()
     except BufferError:
         logger.debug("'%s' is still viewed by live tensors; unmapped when they are freed", path)
+
+
+def open_reader(index: CheckpointIndex) -> CheckpointReader:
+    """The reader of ``index``: the index's own when it has one (``index.open_reader()``, e.g.
+    an index with derived tensors), else a :class:`CheckpointReader`."""
+    opener = getattr(index, "open_reader", None)
+    return opener() if callable(opener) else CheckpointReader(index)

@@ -81,6 +81,8 @@ class VerifyReport:
     planned: Mapping[str, str] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     tie_hints: Mapping[str, str] = field(default_factory=dict)  # missing fqn -> embedding fqn
+    # tie groups whose members are stored under several keys: ((fqn, key), ...) per group
+    tie_conflicts: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -159,8 +161,13 @@ def verify(
     match = match_keys(all_names, renamed)
     key_for: dict[str, str] = {}
     missing, kept, shapes_bad, dtypes_bad, used = [], [], [], [], set()
+    conflicts: list[tuple[tuple[str, str], ...]] = []
     for tensor in tensors:
         hits = [match.model_to_ckpt[n] for n in tensor.names if n in match.model_to_ckpt]
+        stored = [(n, renamed[match.model_to_ckpt[n]]) for n in tensor.names
+                  if n in match.model_to_ckpt]
+        if len({k for _, k in stored}) > 1:
+            conflicts.append(tuple(stored))
         if not hits:
             real_buffer = not tensor.slot.is_param and not tensor.is_meta
             (kept if real_buffer else missing).append(tensor.fqn)
@@ -179,7 +186,8 @@ def verify(
                        and original_to_new.get(k, k) not in nonpersistent_names
                        and not _matches_nonpersistent(k, nonpersistent_names))
     return VerifyReport(
-        checkpoint=str(index.root), model_class=type(model).__name__,
+        checkpoint=str(index.files[0] if len(index.files) == 1 else index.root),
+        model_class=type(model).__name__,
         n_files=len(index.files), n_checkpoint_tensors=len(index.entries),
         key_for=key_for, missing=tuple(missing), kept=tuple(kept), unexpected=unexpected,
         shape_mismatches=tuple(shapes_bad), dtype_mismatches=tuple(dtypes_bad),
@@ -188,6 +196,7 @@ def verify(
         prefix_change=match.prefix_change,
         planned=_planned(tensors, device_map), shapes={t.fqn: t.shape for t in tensors},
         tie_hints=_tie_candidates(tensors, set(missing), key_for),
+        tie_conflicts=tuple(conflicts),
     )
 
 
@@ -255,7 +264,7 @@ def raise_for_problems(
     raise cls(
         f"{len(blocking)} problem(s) between {report.model_class} and checkpoint "
         f"{report.checkpoint!r} ({n_ckpt_files} file(s), {report.n_checkpoint_tensors} tensors):\n"
-        + format_problems(blocking) + "\nNothing was loaded. " + _advice(report, missing),
+        + format_problems(blocking) + "\nNothing was loaded." + _advice(report, missing),
         problems=blocking,
     )
 
@@ -270,7 +279,8 @@ def _advice(report: VerifyReport, missing: str) -> str:
         tips.append("a shape mismatch means the model's config differs from the checkpoint's")
     if report.unexpected and report.missing:
         tips.append(prefix_hint(list(report.missing), list(report.unexpected)).strip())
-    return "; ".join(t.rstrip(".") for t in tips if t) + "."
+    text = "; ".join(t.rstrip(".") for t in tips if t)
+    return f" {text[0].upper()}{text[1:]}." if text else ""
 
 
 def _tie_hint(report: VerifyReport) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointIndex, CheckpointReader, read_index
+from .checkpoint import CheckpointIndex, CheckpointReader, open_reader, read_index
 from .devicemap import DeviceMap, normalize_device_map, placement_of
 from .devices import DISK, Placement, format_size, is_accelerator, placement_str
 from .errors import DeviceMapError, OffloadError, format_problems
@@ -31,15 +31,17 @@ from .offload import (
     source_identity,
     write_offload_folder,
 )
+from .preflight import ModelTensor, Unexpected, model_tensors, raise_for_problems, verify
+from .skeleton import rebuild_parameter
 from .tensors import (
     InitFn,
     Missing,
     _check_policy,
     _materialize_slots,
     _meta_problems,
+    find_slot,
     replace_tensor,
 )
-from .verify import ModelTensor, Unexpected, model_tensors, raise_for_problems, verify
 
 logger = logging.getLogger(__name__)
 
@@ -142,17 +144,19 @@ def load_checkpoint_in_model(
     raise_for_problems(
         report, missing=missing, unexpected=unexpected, n_ckpt_files=len(index.files)
     )
+    if report.tie_conflicts and untie_conflicts(model, index, report.tie_conflicts):
+        report = verify(model, index, key_map=key_map, device_map=dmap)
     tensors, nonpersistent = model_tensors(model)
     jobs = _jobs(tensors, report.key_for, dmap, dtype, keep_in_fp32_modules, set(report.kept))
     _preflight_missing(jobs, missing, init_fn)
     store = _existing_store(model)
     convert = [j for j in jobs if j.key and j.placement == DISK and not _zero_copy_ok(j, index)]
     folder = _offload_folder(convert, offload_folder, model, index)
-    result = LoadReport(str(index.root), type(model).__name__, unexpected=list(report.unexpected),
+    result = LoadReport(report.checkpoint, type(model).__name__, unexpected=list(report.unexpected),
                         tied=list(report.tied), prefix_change=report.prefix_change,
                         kept=list(report.kept))
     main_device = _main_device(dmap)
-    with CheckpointReader(index) as reader, _progress(progress, jobs) as bar:
+    with open_reader(index) as reader, _progress(progress, jobs) as bar:
         _load_disk(jobs, convert, reader, store, folder, model, index, result, bar)
         _load_direct(jobs, reader, store, main_device, result, bar)
     _initialize_missing(model, jobs, missing, init_fn, store, main_device, result)
@@ -165,12 +169,45 @@ def load_checkpoint_in_model(
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16')")
+    if not value.is_floating_point:
+        raise ValueError(
+            f"dtype={value} is not a floating-point dtype: dtype= casts float tensors only "
+            "(int and bool tensors keep their own dtype); use e.g. torch.bfloat16"
+        )
     return value
+
+
+def untie_conflicts(
+    model: nn.Module, index: CheckpointIndex, conflicts: Sequence[Sequence[tuple[str, str]]]
+) -> bool:
+    """Members of a tie group stored with *different* values are untied (as transformers does,
+    with a warning naming them) so that each keeps its checkpoint value; equal copies stay tied.
+    Returns whether anything was untied."""
+    untied = False
+    with open_reader(index) as reader:
+        for members in conflicts:
+            (first_name, first_key), rest = members[0], members[1:]
+            reference = reader.get(first_key)
+            for name, key in rest:
+                if key == first_key or torch.equal(reader.get(key), reference):
+                    continue
+                slot = find_slot(model, name)
+                old = slot.tensor
+                twin = torch.empty(old.shape, dtype=old.dtype, device="meta")
+                table = slot.owner._parameters if slot.is_param else slot.owner._buffers
+                table[slot.leaf] = rebuild_parameter(old, twin) if slot.is_param else twin
+                logger.warning(
+                    "%r is tied to %r in %s, but the checkpoint holds different values for them "
+                    "(%r, %r): untied, each loads its own", name, first_name,
+                    type(model).__name__, key, first_key)
+                untied = True
+    return untied
 
 
 def _jobs(
@@ -249,7 +286,7 @@ def _zero_copy_ok(job: Job, index: CheckpointIndex) -> bool:
 
 def _offload_folder(
     convert: list[Job], folder: str | os.PathLike | None, model: nn.Module, index: CheckpointIndex
-) -> tuple[Path, str] | None:
+) -> OffloadTarget | None:
     if not convert:
         return None
     if folder is None:
@@ -262,7 +299,19 @@ def _offload_folder(
         )
     specs = [(j.tensor.fqn, j.dtype, j.tensor.shape) for j in convert]
     value = fingerprint(type(model).__name__, specs, source_identity(index.files))
-    return Path(folder).resolve(), value
+    path = Path(folder).resolve()
+    # checked now, before any tensor moves: a folder of other weights is refused up front
+    return OffloadTarget(path, value, open_offload_folder(path, value))
+
+
+@dataclass(frozen=True)
+class OffloadTarget:
+    """The offload folder a load converts into: its fingerprint, and its reader if it already
+    holds exactly these tensors."""
+
+    path: Path
+    fingerprint: str
+    existing: CheckpointReader | None
 
 
 def _load_disk(jobs, convert, reader, store, folder, model, index, result, bar) -> None:  # noqa: ANN001
@@ -283,9 +332,9 @@ def _load_disk(jobs, convert, reader, store, folder, model, index, result, bar) 
 
 
 def _load_converted(convert, reader, store, folder, model, result, bar) -> None:  # noqa: ANN001
-    path, value = folder
+    path, value = folder.path, folder.fingerprint
     by_name = {j.tensor.fqn: j for j in convert}
-    offload_reader = open_offload_folder(path, value)
+    offload_reader = folder.existing
     if offload_reader is None:
         offload_reader, written = write_offload_folder(
             path, [(n, j.dtype, j.tensor.shape) for n, j in by_name.items()],
@@ -387,12 +436,12 @@ def _initialize_missing(model, jobs, missing, init_fn, store, main_device, resul
             current = job.tensor.slot.tensor
             if current.device != torch.device(device) or current.dtype != job.dtype:
                 replace_tensor(job.tensor.slot, current.to(device, job.dtype))
+            if job.placement == DISK:  # in memory, served by the store's CPU tier
+                store.add(StoredTensor(job.tensor.fqn, job.tensor.slot.tensor, "cpu"))
             if job.kept:
                 continue
             how = _how_initialized(job, missing, init_fn)
             result.initialized[job.tensor.fqn] = how
-            if job.placement == DISK:
-                store.add(StoredTensor(job.tensor.fqn, job.tensor.slot.tensor, "cpu"))
             where = placement_str(job.placement)
             result.bytes_per_device[where] = result.bytes_per_device.get(where, 0) + job.nbytes
 
