@@ -4,14 +4,15 @@ once at the edge, and the longest-prefix lookup every stage uses."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .devices import DISK, DeviceLike, Placement, parse_placement, placement_str
-from .errors import DeviceMapError
+from .errors import DeviceError, DeviceMapError
 
 DeviceMap = dict[str, Placement]
+V = TypeVar("V")
 
 
 def normalize_device_map(device_map: Any, *, check_available: bool = True) -> DeviceMap:
@@ -34,19 +35,26 @@ def normalize_device_map(device_map: Any, *, check_available: bool = True) -> De
 def _parse(value: DeviceLike, key: str, check_available: bool) -> Placement:
     try:
         return parse_placement(value, check_available=check_available)
-    except Exception as err:
+    except DeviceError as err:
         raise DeviceMapError(f"device_map[{key!r}] = {value!r}: {err}") from err
 
 
-def placement_of(device_map: Mapping[str, Placement], fqn: str) -> Placement | None:
-    """The placement of ``fqn``: the entry of its longest prefix (whole dotted components)."""
+def covering_entry(mapping: Mapping[str, V], fqn: str) -> tuple[str, V] | None:
+    """The ``(key, value)`` of ``mapping`` whose key is ``fqn``'s longest prefix (whole dotted
+    components, ``""`` covering everything), or None."""
     name = fqn
     while True:
-        if name in device_map:
-            return device_map[name]
+        if name in mapping:
+            return name, mapping[name]
         if not name:
             return None
         name = name.rpartition(".")[0]
+
+
+def placement_of(device_map: Mapping[str, Placement], fqn: str) -> Placement | None:
+    """The placement of ``fqn``: the entry of its longest prefix."""
+    found = covering_entry(device_map, fqn)
+    return found[1] if found else None
 
 
 def single_device(device_map: Mapping[str, Placement]) -> Placement | None:

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devicemap import DeviceMap, normalize_device_map, placement_of, single_device
+from .devicemap import (
+    DeviceMap,
+    covering_entry,
+    normalize_device_map,
+    placement_of,
+    single_device,
+)
 from .devices import DISK, DeviceLike, Placement, is_accelerator, parse_device, placement_str
 from .errors import (
     DeviceMapError,
@@ -418,9 +424,10 @@ def _assign_slots(model: nn.Module, units: list[Unit], dmap: DeviceMap) -> None:
     owner_of: dict[int, tuple[Unit, TensorSlot]] = {}
     aliases: list[tuple[Unit, int]] = []
     for slot in iter_slots(model):
-        unit = _deepest_unit(by_name, slot.fqn)
-        if unit is None:
+        found = covering_entry(by_name, slot.fqn)
+        if found is None:
             continue
+        unit = found[1]
         key = id(slot.tensor)
         if key not in owner_of:
             owner_of[key] = (unit, slot)
@@ -431,16 +438,6 @@ def _assign_slots(model: nn.Module, units: list[Unit], dmap: DeviceMap) -> None:
         owner, slot = owner_of[key]
         if owner.swaps and slot not in unit.borrowed:
             unit.borrowed.append(slot)
-
-
-def _deepest_unit(by_name: Mapping[str, Unit], fqn: str) -> Unit | None:
-    name = fqn
-    while True:
-        if name in by_name:
-            return by_name[name]
-        if not name:
-            return None
-        name = name.rpartition(".")[0]
 
 
 def _attach(model: nn.Module, state: DispatchState) -> None:

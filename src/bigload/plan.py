@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .devicemap import covering_entry
 from .devices import (
     DISK,
     DeviceLike,
@@ -33,7 +34,6 @@ from .devices import (
 from .errors import DeviceMapError, DoesNotFitError, format_problems
 from .sizes import DtypeLike, TensorSize, module_sizes, named_tensors, sizes_from_index
 from .sizes import tensor_sizes as measure_tensors
-from .ties import placement_in_map
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class DevicePlan:
 
     def placement_of(self, fqn: str) -> Placement:
         """Placement of a tensor or module fqn (longest unit-name prefix)."""
-        found = placement_in_map(self._placements, fqn)
+        found = covering_entry(self._placements, fqn)
         if found is None:
             raise DeviceMapError(
                 f"{fqn!r} is in no unit of this plan; was it planned for this model?"
@@ -790,7 +790,7 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, Any]) -> None:
     if unknown:
         warnings.warn(f"device_map keys that match nothing in the model: {unknown}", stacklevel=2)
     missing = [
-        f"{fqn!r} has no device" for fqn in fqns if placement_in_map(device_map, fqn) is None
+        f"{fqn!r} has no device" for fqn in fqns if covering_entry(device_map, fqn) is None
     ]
     if bad or missing:
         raise DeviceMapError(

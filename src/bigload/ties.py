@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .devicemap import covering_entry
 from .devices import parse_placement, placement_str
 from .sizes import named_tensors
 
@@ -46,16 +47,6 @@ def retie_parameters(model: nn.Module, tied_params: Iterable[Sequence[str]]) -> 
             setattr(model.get_submodule(owner), name, keep)
 
 
-def placement_in_map(device_map: Mapping[str, Any], fqn: str) -> tuple[str, Any] | None:
-    """The (key, value) of ``device_map`` that covers ``fqn`` (longest prefix), or None."""
-    parts = fqn.split(".")
-    for i in range(len(parts), -1, -1):
-        key = ".".join(parts[:i])
-        if key in device_map:
-            return key, device_map[key]
-    return None
-
-
 def fix_tied_placements(
     device_map: Mapping[str, Any], tie_groups: Iterable[Sequence[str]]
 ) -> tuple[dict[str, Any], list[str]]:
@@ -75,7 +66,7 @@ def fix_tied_placements(
 
 
 def _fix_group(device_map: dict[str, Any], group: tuple[str, ...]) -> list[str]:
-    found = {fqn: placement_in_map(device_map, fqn) for fqn in group}
+    found = {fqn: covering_entry(device_map, fqn) for fqn in group}
     covered = [fqn for fqn in group if found[fqn] is not None]
     if not covered:
         return []
