@@ -241,10 +241,10 @@ def spy(monkeypatch) -> list[tuple[str, list[str]]]:
     events: list[tuple[str, list[str]]] = []
     real_prefetch, real_release = OffloadStore.prefetch, OffloadStore.release
 
-    def prefetch(self, fqns):
+    def prefetch(self, fqns, **kwargs):
         fqns = list(fqns)
         events.append(("prefetch", fqns))
-        return real_prefetch(self, fqns)
+        return real_prefetch(self, fqns, **kwargs)
 
     def release(self, fqns):
         fqns = list(fqns)

@@ -345,3 +345,19 @@ def test_infer_auto_device_map_result_shape():
     offloaded = infer_auto_device_map(meta(), max_memory={0: 768, "cpu": 512})
     assert set(offloaded.values()) == {0, "cpu", "disk"}
     check_device_map(meta(), offloaded)
+
+
+@pytest.mark.parametrize(
+    ("max_memory", "prefetch", "reserve"),
+    [
+        ({0: 2048, "cpu": BIG}, 0, 256),  # the running unit only
+        ({0: 2048, "cpu": BIG}, 2, 768),  # plus two fetched ahead onto the accelerator
+        ({"cpu": 1024}, 2, 256),  # on the CPU units fetched ahead wait in the page cache
+    ],
+)
+def test_reserve_holds_the_units_fetched_ahead_onto_an_accelerator(max_memory, prefetch, reserve):
+    plan = plan_devices(meta(), max_memory=max_memory, prefetch=prefetch, headroom_bytes=0)
+    assert plan.reserve_bytes == reserve
+    main = plan.main_device
+    on_main = sum(u.size_bytes for u in plan.units if u.placement == main)
+    assert on_main + plan.reserve_bytes <= plan.budgets[main]

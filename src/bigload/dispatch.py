@@ -588,7 +588,7 @@ def _prefetch_next(state: DispatchState, position: int) -> None:
     upcoming = [u for u in order if u.offloaded][: state.depth]
     for unit in upcoming:
         if unit.placement == DISK:
-            state.store.prefetch(s.fqn for s in unit.slots)
+            state.store.prefetch((s.fqn for s in unit.slots), map_pages=unit.swaps)
         if unit.swaps and state.stream is not None and unit.name not in state.ahead:
             _copy_ahead(state, unit)
 

@@ -266,8 +266,10 @@ def _skeleton(
 def plan_model(
     model: nn.Module, *, dtype: torch.dtype, max_memory: Mapping[Any, int | str] | None = None,
     strategy: str = "auto", no_split_module_classes: Sequence[str] | None = None,
+    prefetch: int | None = None,
 ) -> Any:
     """The DevicePlan :func:`load` would make for a skeleton from :func:`build_model_skeleton`."""
+    from .dispatch import prefetch_depth
     from .plan import plan_devices
 
     no_split = no_split_module_classes
@@ -276,7 +278,7 @@ def plan_model(
     return plan_devices(
         model, max_memory=max_memory, strategy=strategy,  # type: ignore[arg-type]
         no_split_module_classes=no_split, dtype=dtype,
-        keep_in_fp32_modules=_keep_in_fp32(model, dtype),
+        keep_in_fp32_modules=_keep_in_fp32(model, dtype), prefetch=prefetch_depth(prefetch),
     )
 
 

@@ -521,7 +521,7 @@ def load_checkpoint_and_dispatch(
     ``strict=True`` is ``missing="error", unexpected="error"``; otherwise missing tensors raise
     (``missing="error"``) unless a policy is given, and unexpected ones are logged.
     """
-    from .dispatch import dispatch_model
+    from .dispatch import dispatch_model, prefetch_depth
     from .plan import plan_devices
 
     del offload_state_dict  # accelerate's memory saver; bigload streams tensor by tensor anyway
@@ -531,7 +531,8 @@ def load_checkpoint_and_dispatch(
         plan = plan_devices(model, max_memory=max_memory, strategy=device_map,  # type: ignore[arg-type]
                             no_split_module_classes=no_split_module_classes, dtype=dtype,
                             offload_buffers=offload_buffers,
-                            keep_in_fp32_modules=keep_in_fp32_modules)
+                            keep_in_fp32_modules=keep_in_fp32_modules,
+                            prefetch=prefetch_depth(prefetch))
         device_map = plan.device_map
     report = load_checkpoint_in_model(
         model, index, device_map, dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules,

@@ -77,14 +77,16 @@ class OffloadStore:
     def disk_bytes(self) -> int:
         return sum(i.nbytes for i in self.items.values() if i.tier == "disk")
 
-    def prefetch(self, fqns: Iterable[str]) -> None:
-        """Start reading the pages of ``fqns`` (disk tier) in the background."""
+    def prefetch(self, fqns: Iterable[str], *, map_pages: bool = False) -> None:
+        """Start reading the pages of ``fqns`` (disk tier) in the background: into the page
+        cache (``MADV_WILLNEED``: not yet this process's memory), or with ``map_pages`` also
+        mapped (``MADV_POPULATE_READ``), for weights about to be copied to an accelerator."""
         for fqn in fqns:
             item = self.items.get(fqn)
             if item is None or item.mm is None or fqn in self._pending:
                 continue
             with self._lock:
-                self._pending[fqn] = self._pool.submit(_populate, item)
+                self._pending[fqn] = self._pool.submit(_fetch, item, map_pages)
 
     def wait(self, fqns: Iterable[str]) -> None:
         """Wait for prefetches of ``fqns`` still running (so a unit never races its reader)."""
@@ -117,11 +119,14 @@ def _advise(item: StoredTensor, advice: int) -> None:
         item.mm.madvise(advice, *span)
 
 
-def _populate(item: StoredTensor) -> None:
-    try:
-        _advise(item, _MADV_POPULATE_READ)
-    except OSError:
-        _advise(item, mmap.MADV_WILLNEED)
+def _fetch(item: StoredTensor, map_pages: bool) -> None:
+    if map_pages:
+        try:
+            _advise(item, _MADV_POPULATE_READ)
+            return
+        except OSError:
+            pass  # kernel < 5.14
+    _advise(item, mmap.MADV_WILLNEED)
 
 
 # --- offload folders ---------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def plan_devices(
     keep_in_fp32_modules: Iterable[str] | None = None,
     tensor_sizes: Mapping[str, int] | None = None,
     index: Any = None,
+    prefetch: int = 0,
 ) -> DevicePlan:
     """Decide the placement of every parameter and buffer of ``model`` (a meta model is fine).
 
@@ -188,7 +189,10 @@ def plan_devices(
     Reserve: when anything is offloaded (CPU while accelerators exist, or disk), the main
     execution device (first accelerator, else CPU) keeps room for the largest offloaded unit,
     ``headroom_bytes`` for activations (default: 0 on CPU, ``HEADROOM_FRACTION`` of its budget
-    on an accelerator) and, unless ``offload_buffers``, the buffers of offloaded units.
+    on an accelerator) and, unless ``offload_buffers``, the buffers of offloaded units. With
+    ``prefetch`` units fetched ahead (dispatch's depth) onto an accelerator, the reserve holds
+    the ``1 + prefetch`` largest offloaded units: that many are resident there at once. (On the
+    CPU, units fetched ahead wait in the page cache and are mapped only when they run.)
     Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
     ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
     """
@@ -206,10 +210,11 @@ def plan_devices(
     main = _main_device(budget_map)
     headroom = _headroom(headroom_bytes, budget_map, main)
     targets = _targets(strategy, budget_map, unit_list)
-    placed, reserve = _solve(
-        unit_list, bundles, budget_map, targets, main, headroom, offload_buffers
-    )
-    _check_main_device(unit_list, placed, budget_map.get(main), main, headroom, offload_buffers)
+    # units fetched ahead occupy an accelerator; on the CPU they wait in the page cache, unmapped
+    ahead = max(0, int(prefetch)) if main != "cpu" else 0
+    rule_ = _ReserveRule(headroom, offload_buffers, 1 + ahead)
+    placed, reserve = _solve(unit_list, bundles, budget_map, targets, main, rule_)
+    _check_main_device(unit_list, placed, budget_map.get(main), main, rule_)
     notes += (f"headroom for activations on {main} when offloading: {format_size(headroom)}",)
     return _to_plan(unit_list, placed, budget_map, main, reserve, strategy, offload_buffers, notes)
 
@@ -511,14 +516,29 @@ def _advice(unit: _Unit, *, disk_allowed: bool) -> str:
     return "To fix: " + ", ".join(steps) + "."
 
 
+@dataclass(frozen=True)
+class _ReserveRule:
+    """What the main execution device keeps free when units are offloaded to it."""
+
+    headroom: int
+    offload_buffers: bool
+    resident_units: int  # the unit that runs plus those prefetched ahead
+
+    def need(self, offloaded: list[_Unit]) -> int:
+        if not offloaded:
+            return 0
+        largest = sorted((u.size_bytes for u in offloaded), reverse=True)
+        buffers = 0 if self.offload_buffers else sum(u.buffer_bytes for u in offloaded)
+        return self.headroom + sum(largest[: self.resident_units]) + buffers
+
+
 def _solve(
     unit_list: list[_Unit],
     bundles: list[list[int]],
     budget_map: Mapping[str, int | None],
     targets: Mapping[str, int],
     main: str,
-    headroom: int,
-    offload_buffers: bool,
+    rule: _ReserveRule,
 ) -> tuple[list[tuple[str, str]], int]:
     """Assign, then grow the main device's reserve until it covers what the plan offloads.
 
@@ -528,27 +548,22 @@ def _solve(
     reserve = 0
     for _ in range(_MAX_ROUNDS):
         placed = assign(unit_list, bundles, _tiers(budget_map, targets, main, reserve))
-        need = _reserve_needed(unit_list, placed, main, headroom, offload_buffers)
+        need = _reserve_needed(unit_list, placed, main, rule)
         if need <= reserve:
             return placed, reserve
         reserve = need
-    reserve = headroom + max(u.size_bytes for u in unit_list)
-    reserve += 0 if offload_buffers else sum(u.buffer_bytes for u in unit_list)
+    reserve = rule.need(unit_list)
     return assign(unit_list, bundles, _tiers(budget_map, targets, main, reserve)), reserve
 
 
+def _offloaded(unit_list: list[_Unit], placed: list[tuple[str, str]], main: str) -> list[_Unit]:
+    return [u for u, (p, _) in zip(unit_list, placed) if _is_offload(p, main)]
+
+
 def _reserve_needed(
-    unit_list: list[_Unit],
-    placed: list[tuple[str, str]],
-    main: str,
-    headroom: int,
-    offload_buffers: bool,
+    unit_list: list[_Unit], placed: list[tuple[str, str]], main: str, rule: _ReserveRule
 ) -> int:
-    offloaded = [u for u, (p, _) in zip(unit_list, placed) if _is_offload(p, main)]
-    if not offloaded:
-        return 0
-    buffers = 0 if offload_buffers else sum(u.buffer_bytes for u in offloaded)
-    return headroom + max(u.size_bytes for u in offloaded) + buffers
+    return rule.need(_offloaded(unit_list, placed, main))
 
 
 def _check_main_device(
@@ -556,24 +571,22 @@ def _check_main_device(
     placed: list[tuple[str, str]],
     budget: int | None,
     main: str,
-    headroom: int,
-    offload_buffers: bool,
+    rule: _ReserveRule,
 ) -> None:
     """Offloaded units run on the main device: it must hold the largest of them at least."""
-    need = _reserve_needed(unit_list, placed, main, headroom, offload_buffers)
+    need = _reserve_needed(unit_list, placed, main, rule)
     if budget is None or need <= budget:
         return
-    offloaded = [u for u, (p, _) in zip(unit_list, placed) if _is_offload(p, main)]
+    offloaded = _offloaded(unit_list, placed, main)
     largest = max(offloaded, key=lambda u: u.size_bytes)
+    headroom, offload_buffers = rule.headroom, rule.offload_buffers
+    buffers = 0 if offload_buffers else sum(u.buffer_bytes for u in offloaded)
     raise DoesNotFitError(
         f"the main execution device {main} ({budget} bytes) cannot run the offloaded units: "
         f"they need {need} bytes there (largest offloaded unit {largest.name or '<whole model>'!r}"
-        f" {largest.size_bytes} bytes, headroom {headroom} bytes"
-        + (
-            ""
-            if offload_buffers
-            else f", their buffers {need - headroom - largest.size_bytes} bytes"
-        )
+        f" {largest.size_bytes} bytes, {rule.resident_units} unit(s) resident with prefetch, "
+        f"headroom {headroom} bytes"
+        + ("" if offload_buffers else f", their buffers {buffers} bytes")
         + f"); short by {need - budget} bytes ({format_size(need - budget)}).\n"
         f"Raise max_memory for {main}, lower headroom_bytes, pass offload_buffers=True, or let "
         "large units split (no_split_module_classes)."
