@@ -8,9 +8,6 @@ largest offloaded block), so that both "cpu" and "disk" are used, and checks: th
 both tiers, nothing is left on meta, every tensor was loaded from the checkpoint (or tied), the
 outputs equal the reference's, and for causal LMs greedy generation gives the same tokens.
 The fast subset runs by default; the rest with ``-m slow``.
-
-``bigload.hf.load`` is imported directly: once ``bigload.load`` (the submodule) is imported,
-the package attribute ``bigload.load`` is that module, not the function.
 """
 
 from __future__ import annotations
@@ -24,15 +21,12 @@ from hf_models import AUDIO, BY_NAME, CAUSAL, ENCODER, MODELS, SEQ2SEQ, VISION, 
 
 transformers = pytest.importorskip("transformers")
 
-from bigload.checkpoint import read_index  # noqa: E402
+from bigload import load as bigload_load  # noqa: E402
+from bigload.checkpoint import open_reader, read_index  # noqa: E402
+from bigload.dispatch import prefetch_depth  # noqa: E402
 from bigload.errors import CheckpointMismatchError, DoesNotFitError  # noqa: E402
 from bigload.hf import build_skeleton  # noqa: E402
-from bigload.hf import load as bigload_load  # noqa: E402  (not bigload.load: see module doc)
-from bigload.hf_conversions import (  # noqa: E402
-    converted_index,
-    open_reader,
-    plan_conversions,
-)
+from bigload.hf_conversions import converted_index, plan_conversions  # noqa: E402
 from bigload.keys import apply_key_map  # noqa: E402
 from bigload.plan import plan_devices  # noqa: E402
 from bigload.preflight import verify  # noqa: E402
@@ -74,7 +68,7 @@ def split_budget(model: torch.nn.Module, fraction: float) -> int:
     while budget < 2 * total:
         try:
             plan = plan_devices(model, max_memory={"cpu": budget, "disk": "1GB"},
-                                no_split_module_classes=no_split)
+                                no_split_module_classes=no_split, prefetch=prefetch_depth(None))
         except DoesNotFitError:
             plan = None
         if plan is not None and splits(planned_bytes(model, plan)):

@@ -270,7 +270,7 @@ def _run_chain(chain_file, spy, **kwargs) -> None:
     assert torch.equal(model(inputs), eager(inputs))
 
 
-def test_running_a_unit_prefetches_the_next_two_and_releases_after(chain_file, spy, monkeypatch):
+def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, spy, monkeypatch):
     monkeypatch.delenv("BIGLOAD_PREFETCH", raising=False)
     _run_chain(chain_file, spy)
     releases = [_unit(f) for kind, f in spy if kind == "release"]
@@ -278,11 +278,17 @@ def test_running_a_unit_prefetches_the_next_two_and_releases_after(chain_file, s
     assert all(len(f) == 2 for kind, f in spy if kind == "release")  # weight and bias
     first_release = spy.index(("release", ["a.weight", "a.bias"]))
     before_a_ends = [_unit(f) for kind, f in spy[:first_release] if kind == "prefetch"]
-    assert before_a_ends == ["b", "c"]  # unit a fetched b and c ahead (depth 2)
+    assert before_a_ends == ["b"]  # unit a fetched b ahead (default depth 1)
     second_release = next(i for i, (kind, f) in enumerate(spy)
                           if kind == "release" and _unit(f) == "b")
     during_b = [_unit(f) for kind, f in spy[first_release:second_release] if kind == "prefetch"]
-    assert during_b[:1] == ["c"] and len(during_b) <= 2
+    assert during_b == ["c"]
+
+
+def test_prefetch_depth_two(chain_file, spy):
+    _run_chain(chain_file, spy, prefetch=2)
+    first_release = next(i for i, (kind, _) in enumerate(spy) if kind == "release")
+    assert [_unit(f) for kind, f in spy[:first_release] if kind == "prefetch"] == ["b", "c"]
 
 
 def test_prefetch_depth_one(chain_file, spy):

@@ -52,11 +52,14 @@ from .tensors import TensorSlot, iter_slots, materialize, replace_tensor
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_bigload_dispatch"
-DEFAULT_PREFETCH = 2
+DEFAULT_PREFETCH = 1
 
 
 def prefetch_depth(prefetch: int | bool | None) -> int:
-    """Units fetched ahead: the argument, else ``BIGLOAD_PREFETCH``, else 2 (0 turns it off)."""
+    """Units fetched ahead: the argument, else ``BIGLOAD_PREFETCH``, else 1 (0 turns it off).
+
+    Each unit fetched ahead is resident early (mapped pages on the CPU, a copy on an
+    accelerator): the planner reserves room for ``1 + depth`` offloaded units."""
     if prefetch is None:
         prefetch = int(os.environ.get("BIGLOAD_PREFETCH", DEFAULT_PREFETCH))
     return int(prefetch)
@@ -588,7 +591,7 @@ def _prefetch_next(state: DispatchState, position: int) -> None:
     upcoming = [u for u in order if u.offloaded][: state.depth]
     for unit in upcoming:
         if unit.placement == DISK:
-            state.store.prefetch((s.fqn for s in unit.slots), map_pages=unit.swaps)
+            state.store.prefetch(s.fqn for s in unit.slots)
         if unit.swaps and state.stream is not None and unit.name not in state.ahead:
             _copy_ahead(state, unit)
 

@@ -77,10 +77,11 @@ class OffloadStore:
     def disk_bytes(self) -> int:
         return sum(i.nbytes for i in self.items.values() if i.tier == "disk")
 
-    def prefetch(self, fqns: Iterable[str], *, map_pages: bool = False) -> None:
-        """Start reading the pages of ``fqns`` (disk tier) in the background: into the page
-        cache (``MADV_WILLNEED``: not yet this process's memory), or with ``map_pages`` also
-        mapped (``MADV_POPULATE_READ``), for weights about to be copied to an accelerator."""
+    def prefetch(self, fqns: Iterable[str], *, map_pages: bool = True) -> None:
+        """Start reading the pages of ``fqns`` (disk tier) in the background and map them
+        (``MADV_POPULATE_READ``), so that the unit runs without page faults; with
+        ``map_pages=False`` (or on kernels before 5.14) only into the page cache
+        (``MADV_WILLNEED``)."""
         for fqn in fqns:
             item = self.items.get(fqn)
             if item is None or item.mm is None or fqn in self._pending:

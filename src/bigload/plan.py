@@ -190,9 +190,9 @@ def plan_devices(
     execution device (first accelerator, else CPU) keeps room for the largest offloaded unit,
     ``headroom_bytes`` for activations (default: 0 on CPU, ``HEADROOM_FRACTION`` of its budget
     on an accelerator) and, unless ``offload_buffers``, the buffers of offloaded units. With
-    ``prefetch`` units fetched ahead (dispatch's depth) onto an accelerator, the reserve holds
-    the ``1 + prefetch`` largest offloaded units: that many are resident there at once. (On the
-    CPU, units fetched ahead wait in the page cache and are mapped only when they run.)
+    ``prefetch`` units fetched ahead (dispatch's depth), the reserve holds the ``1 + prefetch``
+    largest offloaded units: that many are resident on the execution device at once (copies on
+    an accelerator; mapped pages on the CPU).
     Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
     ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
     """
@@ -210,9 +210,7 @@ def plan_devices(
     main = _main_device(budget_map)
     headroom = _headroom(headroom_bytes, budget_map, main)
     targets = _targets(strategy, budget_map, unit_list)
-    # units fetched ahead occupy an accelerator; on the CPU they wait in the page cache, unmapped
-    ahead = max(0, int(prefetch)) if main != "cpu" else 0
-    rule_ = _ReserveRule(headroom, offload_buffers, 1 + ahead)
+    rule_ = _ReserveRule(headroom, offload_buffers, 1 + max(0, int(prefetch)))
     placed, reserve = _solve(unit_list, bundles, budget_map, targets, main, rule_)
     _check_main_device(unit_list, placed, budget_map.get(main), main, rule_)
     notes += (f"headroom for activations on {main} when offloading: {format_size(headroom)}",)
@@ -588,8 +586,9 @@ def _check_main_device(
         f"headroom {headroom} bytes"
         + ("" if offload_buffers else f", their buffers {buffers} bytes")
         + f"); short by {need - budget} bytes ({format_size(need - budget)}).\n"
-        f"Raise max_memory for {main}, lower headroom_bytes, pass offload_buffers=True, or let "
-        "large units split (no_split_module_classes)."
+        f"Raise max_memory for {main}, lower headroom_bytes, fetch fewer units ahead "
+        "(prefetch=0 or BIGLOAD_PREFETCH=0), pass offload_buffers=True, or let large units "
+        "split (no_split_module_classes)."
     )
 
 

@@ -20,7 +20,7 @@ SUBCOMMANDS = (inspect, plan, verify, run)
 
 EPILOG = """\
 examples:
-  bigload run --max-memory cpu=60MB,disk=1GB     # the default model, partly served from disk
+  bigload run --max-memory cpu=70MB,disk=1GB     # the default model, partly served from disk
   bigload inspect ./llama/                       # what a checkpoint holds, nothing loaded
   bigload plan ./llama/ --max-memory 0=20GiB,cpu=8GiB,disk=100GiB --dtype bfloat16
   bigload verify ./llama/                        # missing, unexpected, mismatched, tied

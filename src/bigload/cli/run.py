@@ -36,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 EPILOG = """\
 examples:
   bigload run                                      # the default model, all-MiniLM-L6-v2
-  bigload run --max-memory cpu=60MB,disk=1GB       # the same, part of the model served from disk
+  bigload run --max-memory cpu=70MB,disk=1GB       # the same, part of the model served from disk
   bigload run ./all-MiniLM-L6-v2 --text "a cat" --text "a kitten" --text "tax law"
   bigload run ./llama/ --prompt "The capital of France is" --max-new-tokens 20
   bigload run ./llama/ --max-memory 0=20GiB,cpu=30GiB,disk=200GiB --dtype bfloat16 \\
