@@ -181,18 +181,28 @@ def gpu_peak_bytes():
 
 
 def touch_tensors(model) -> int:
-    """Read one element per page of every non-meta tensor (faults in mmap-backed weights)."""
+    """Read one element per page of every RAM-resident tensor (faults in mmap-backed weights).
+
+    Tensors the model's ``hf_device_map`` places on disk are left alone: touching them would
+    page the disk tier into memory, which is what offloading avoids (other tools keep them on
+    meta, bigload as file views whose pages it maps only while their block runs)."""
     import torch
 
+    disk = [k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if str(v) == "disk"]
     touched = 0
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.device.type == "meta" or t.numel() == 0:
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        for name, t in named:
+            if t.device.type == "meta" or t.numel() == 0 or _covered(name, disk):
                 continue
             flat = t.detach().reshape(-1)
             flat[:: max(1, C.PAGE_BYTES // t.element_size())].float().sum().item()
             touched += t.numel() * t.element_size()
     return touched
+
+
+def _covered(name: str, prefixes: list[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def device_map_of(model) -> dict | None:

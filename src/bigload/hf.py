@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,34 @@ def model_class_for(config: Any, model_class: Any = None) -> Any:
     return transformers.AutoModel
 
 
+@contextmanager
+def _no_init_on_meta() -> Iterator[None]:
+    """transformers runs its weight initialisers in ``post_init``; on meta tensors they do
+    nothing, slowly (a third of a 1 GB Llama's load). Skip them for meta tensors only: real
+    tensors (non-persistent buffers) are still initialised."""
+    try:
+        from transformers import initialization
+    except ImportError:  # transformers < 5: nothing to skip
+        yield
+        return
+    table = initialization.TORCH_INIT_FUNCTIONS
+    saved = dict(table)
+
+    def skipping_meta(fn: Any) -> Any:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return tensor if tensor.device.type == "meta" else fn(tensor, *args, **kwargs)
+        return init
+
+    table.update({name: skipping_meta(fn) for name, fn in saved.items()})
+    try:
+        yield
+    finally:
+        table.update(saved)
+
+
 def build_skeleton(config: Any, cls: Any, dtype: torch.dtype) -> nn.Module:
     """The model on ``meta`` (non-persistent buffers real), in ``dtype``, ties made."""
-    with init_empty_weights():
+    with init_empty_weights(), _no_init_on_meta():
         if hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):
             model = cls.from_config(config, dtype=dtype)
         else:

@@ -45,7 +45,6 @@ from .tensors import (
 
 logger = logging.getLogger(__name__)
 
-_MADV_POPULATE_READ = 22
 
 
 @dataclass(frozen=True)
@@ -381,7 +380,7 @@ def _read_one(
     target = job.placement
     if target.type == "cpu" and stored == job.dtype and not pin and entry.byte_range is not None:
         view = value.data
-        _advise(reader, entry, _MADV_POPULATE_READ, mmap.MADV_WILLNEED)
+        _advise(reader, entry, mmap.MADV_WILLNEED)  # starts cold reads; maps nothing yet
         return view, stored, True
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)
