@@ -29,7 +29,7 @@ from benchmarks import _report  # noqa: E402
 
 # (tool, mode) pairs per scenario, in the order they appear in the tables
 LOADERS = ("bigload", "accelerate", "transformers")
-OFFLOADED = ("bigload", "bigload-noprefetch", "accelerate", "transformers")
+OFFLOADED = ("bigload", "bigload-prefetch", "bigload-noprefetch", "accelerate", "transformers")
 MATRIX: dict[str, list[tuple[str, str]]] = {
     "load_cpu": [(t, m) for m in ("warm", "cold") for t in ("raw", "safetensors", *LOADERS)],
     "load_disk": [(t, m) for m in ("warm", "cold") for t in ("raw", *LOADERS)],
@@ -42,7 +42,11 @@ MATRIX: dict[str, list[tuple[str, str]]] = {
 }
 ALL_SCENARIOS = [*MATRIX, "plan"]
 ALWAYS = {"h2d"}  # floors that --tools does not filter out
-TOOL_ENV = {"bigload-noprefetch": {"BIGLOAD_PREFETCH": "0"}}
+# bigload's default depends on the execution device (none ahead on the CPU, one on a GPU)
+TOOL_ENV = {
+    "bigload-noprefetch": {"BIGLOAD_PREFETCH": "0"},
+    "bigload-prefetch": {"BIGLOAD_PREFETCH": "1"},
+}
 
 
 def log(msg: str) -> None:
@@ -191,7 +195,7 @@ def parse_args(argv=None):
         "--tools",
         default=None,
         help="comma-separated filter, e.g. raw,safetensors,transformers,accelerate "
-        "('bigload' also selects bigload-ram and bigload-noprefetch)",
+        "('bigload' also selects bigload-ram, bigload-prefetch and bigload-noprefetch)",
     )
     p.add_argument("--quick", action="store_true", help="~100 MB model, 1 rep: a smoke test")
     p.add_argument("--no-cold", action="store_true", help="skip cold-cache and evicted runs")

@@ -58,25 +58,22 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def split_budget(model: torch.nn.Module, fraction: float) -> tuple[int, int]:
-    """``(cpu budget, prefetch depth)`` that make the planner split ``model`` over CPU and disk:
-    ``fraction`` of its bytes, raised in steps where the CPU must also keep room to run the
-    offloaded blocks (tiny models have few, relatively big blocks). With the default depth
-    first; a model of two giant blocks (swin's stages) only splits with nothing fetched ahead.
-    Planned as bigload.load plans."""
+def split_budget(model: torch.nn.Module, fraction: float) -> int:
+    """A CPU budget that makes the planner split ``model`` over CPU and disk: ``fraction`` of
+    its bytes, raised in steps where the CPU must also keep room to run the offloaded blocks
+    (tiny models have few, relatively big blocks). Planned as bigload.load plans."""
     total = model_bytes(model)
     no_split = list(getattr(model, "_no_split_modules", None) or []) or None
-    for prefetch in (prefetch_depth(None), 0):
-        budget = int(total * fraction)
-        while budget < 2 * total:
-            try:
-                plan = plan_devices(model, max_memory={"cpu": budget, "disk": "1GB"},
-                                    no_split_module_classes=no_split, prefetch=prefetch)
-            except DoesNotFitError:
-                plan = None
-            if plan is not None and splits(planned_bytes(model, plan)):
-                return budget, prefetch
-            budget += max(1, total // 20)
+    budget = int(total * fraction)
+    while budget < 2 * total:
+        try:
+            plan = plan_devices(model, max_memory={"cpu": budget, "disk": "1GB"},
+                                no_split_module_classes=no_split, prefetch=prefetch_depth())
+        except DoesNotFitError:
+            plan = None
+        if plan is not None and splits(planned_bytes(model, plan)):
+            return budget
+        budget += max(1, total // 20)
     raise AssertionError(f"no CPU budget splits {type(model).__name__} over cpu and disk")
 
 
@@ -135,11 +132,10 @@ def main_output(outputs) -> torch.Tensor:  # noqa: ANN001
 
 # --- the test ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("entry", [_param(m) for m in MODELS])
-def test_conformance(entry: HFModel, tmp_path, monkeypatch):
+def test_conformance(entry: HFModel, tmp_path):
     folder, offload = tmp_path / "model", tmp_path / "offload"
     original = build_model(entry)
-    budget, prefetch = split_budget(original, entry.cpu_fraction)
-    monkeypatch.setenv("BIGLOAD_PREFETCH", str(prefetch))
+    budget = split_budget(original, entry.cpu_fraction)
     assert save_sharded(original, folder) >= MIN_SHARDS
     del original
 

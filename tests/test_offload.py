@@ -270,19 +270,33 @@ def _run_chain(chain_file, spy, **kwargs) -> None:
     assert torch.equal(model(inputs), eager(inputs))
 
 
-def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, spy, monkeypatch):
+def test_on_the_cpu_nothing_is_fetched_ahead_by_default_and_each_unit_is_released(
+    chain_file, spy, monkeypatch
+):
     monkeypatch.delenv("BIGLOAD_PREFETCH", raising=False)
     _run_chain(chain_file, spy)
+    assert [kind for kind, _ in spy if kind == "prefetch"] == []
     releases = [_unit(f) for kind, f in spy if kind == "release"]
     assert releases == ["a", "b", "c"]
     assert all(len(f) == 2 for kind, f in spy if kind == "release")  # weight and bias
+
+
+def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, spy):
+    _run_chain(chain_file, spy, prefetch=1)
     first_release = spy.index(("release", ["a.weight", "a.bias"]))
     before_a_ends = [_unit(f) for kind, f in spy[:first_release] if kind == "prefetch"]
-    assert before_a_ends == ["b"]  # unit a fetched b ahead (default depth 1)
+    assert before_a_ends == ["b"]  # unit a fetched b ahead
     second_release = next(i for i, (kind, f) in enumerate(spy)
                           if kind == "release" and _unit(f) == "b")
     during_b = [_unit(f) for kind, f in spy[first_release:second_release] if kind == "prefetch"]
     assert during_b == ["c"]
+
+
+def test_env_bigload_prefetch_sets_the_depth(chain_file, spy, monkeypatch):
+    monkeypatch.setenv("BIGLOAD_PREFETCH", "1")
+    _run_chain(chain_file, spy)
+    first_release = next(i for i, (kind, _) in enumerate(spy) if kind == "release")
+    assert [_unit(f) for kind, f in spy[:first_release] if kind == "prefetch"] == ["b"]
 
 
 def test_prefetch_depth_two(chain_file, spy):

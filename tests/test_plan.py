@@ -361,3 +361,11 @@ def test_reserve_holds_the_units_fetched_ahead(max_memory, prefetch, reserve):
     main = plan.main_device
     on_main = sum(u.size_bytes for u in plan.units if u.placement == main)
     assert on_main + plan.reserve_bytes <= plan.budgets[main]
+
+
+@pytest.mark.parametrize(("max_memory", "reserve"), [({0: 2048, "cpu": BIG}, 512),
+                                                      ({"cpu": 1024}, 256)])
+def test_default_prefetch_reserve_follows_the_main_device(max_memory, reserve):
+    # prefetch=None is dispatch's default: one unit ahead onto an accelerator, none on the CPU
+    plan = plan_devices(meta(), max_memory=max_memory, prefetch=None, headroom_bytes=0)
+    assert plan.reserve_bytes == reserve

@@ -52,17 +52,26 @@ from .tensors import TensorSlot, iter_slots, materialize, replace_tensor
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_bigload_dispatch"
-DEFAULT_PREFETCH = 1
+ACCELERATOR_PREFETCH = 1
 
 
-def prefetch_depth(prefetch: int | bool | None) -> int:
-    """Units fetched ahead: the argument, else ``BIGLOAD_PREFETCH``, else 1 (0 turns it off).
+def prefetch_depth(
+    prefetch: int | None = None, device: torch.device | None = None
+) -> int | None:
+    """Units fetched ahead: the argument, else ``BIGLOAD_PREFETCH``, else by execution device:
+    1 on an accelerator (host-to-device copies overlap compute), 0 on the CPU. None when no
+    device is known yet (the planner then applies the same rule to its main device).
 
-    Each unit fetched ahead is resident early (mapped pages on the CPU, a copy on an
-    accelerator): the planner reserves room for ``1 + depth`` offloaded units."""
-    if prefetch is None:
-        prefetch = int(os.environ.get("BIGLOAD_PREFETCH", DEFAULT_PREFETCH))
-    return int(prefetch)
+    Each unit fetched ahead is resident early (a copy on an accelerator, mapped pages on the
+    CPU): the planner reserves room for ``1 + depth`` offloaded units. On the CPU, measured on
+    a 2-core machine (benchmarks/RESULTS.md), fetching ahead competed with the compute threads
+    and the page-fault-driven reads of the running unit and made decode steps slower, hence 0.
+    """
+    if prefetch is None and os.environ.get("BIGLOAD_PREFETCH", "").strip():
+        prefetch = int(os.environ["BIGLOAD_PREFETCH"])
+    if prefetch is None and device is not None:
+        prefetch = ACCELERATOR_PREFETCH if device.type != "cpu" else 0
+    return None if prefetch is None else max(0, int(prefetch))
 
 
 @dataclass
@@ -158,7 +167,7 @@ def dispatch_model(
     _offload_to_disk(model, dmap, store, offload_dir)
     units = _build_units(model, dmap, main, preload_module_classes, _plan_units(device_map))
     keys = [skip_keys] if isinstance(skip_keys, str) else list(skip_keys or _model_skip_keys(model))
-    state = DispatchState(units, store, main, keys, prefetch_depth(prefetch))
+    state = DispatchState(units, store, main, keys, prefetch_depth(prefetch, main) or 0)
     _attach(model, state)
     _set_device_map(model, dmap)
     return model

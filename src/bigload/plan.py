@@ -167,7 +167,7 @@ def plan_devices(
     keep_in_fp32_modules: Iterable[str] | None = None,
     tensor_sizes: Mapping[str, int] | None = None,
     index: Any = None,
-    prefetch: int = 0,
+    prefetch: int | None = 0,
 ) -> DevicePlan:
     """Decide the placement of every parameter and buffer of ``model`` (a meta model is fine).
 
@@ -190,9 +190,10 @@ def plan_devices(
     execution device (first accelerator, else CPU) keeps room for the largest offloaded unit,
     ``headroom_bytes`` for activations (default: 0 on CPU, ``HEADROOM_FRACTION`` of its budget
     on an accelerator) and, unless ``offload_buffers``, the buffers of offloaded units. With
-    ``prefetch`` units fetched ahead (dispatch's depth), the reserve holds the ``1 + prefetch``
-    largest offloaded units: that many are resident on the execution device at once (copies on
-    an accelerator; mapped pages on the CPU).
+    ``prefetch`` units fetched ahead (dispatch's depth; ``None``: its default, 1 when the main
+    device is an accelerator, 0 on the CPU), the reserve holds the ``1 + prefetch`` largest
+    offloaded units: that many are resident on the execution device at once (copies on an
+    accelerator; mapped pages on the CPU).
     Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
     ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
     """
@@ -210,6 +211,8 @@ def plan_devices(
     main = _main_device(budget_map)
     headroom = _headroom(headroom_bytes, budget_map, main)
     targets = _targets(strategy, budget_map, unit_list)
+    if prefetch is None:  # dispatch's default: one unit ahead onto an accelerator, none on CPU
+        prefetch = 1 if main != "cpu" else 0
     rule_ = _ReserveRule(headroom, offload_buffers, 1 + max(0, int(prefetch)))
     placed, reserve = _solve(unit_list, bundles, budget_map, targets, main, rule_)
     _check_main_device(unit_list, placed, budget_map.get(main), main, rule_)

@@ -1,0 +1,80 @@
+"""bigload.load's edges: model ids from the local Hugging Face cache, errors for paths that are
+not model folders, the progress bar, and the transformers initialisers skipped on meta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+
+import bigload  # noqa: E402
+from bigload.errors import ModelResolveError  # noqa: E402
+from bigload.hf import build_skeleton  # noqa: E402
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)
+    config.architectures = ["LlamaForCausalLM"]
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache holding 'org/tiny' (one snapshot, refs/main), as the hub writes it."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    tiny_llama().save_pretrained(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snapshot
+
+
+def test_model_id_resolves_offline_from_the_hub_cache(hub_cache):
+    model = bigload.load("org/tiny", device_map="cpu")
+    reference = transformers.LlamaForCausalLM.from_pretrained(hub_cache).eval()
+    ids = torch.tensor([[1, 7, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_model_id_missing_from_the_cache_says_nothing_is_downloaded(hub_cache):
+    with pytest.raises(ModelResolveError, match="'org/absent'.*never downloads"):
+        bigload.load("org/absent")
+
+
+def test_folder_without_config_is_refused_with_the_way_out(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelResolveError, match="no config.json.*load_checkpoint_and_dispatch"):
+        bigload.load(tmp_path)
+
+
+def test_progress_bar_on_stderr_when_asked(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path)
+    bigload.load(tmp_path, device_map="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "loading" in err and "B" in err  # a tqdm bar over bytes
+    bigload.load(tmp_path, device_map="cpu", progress=False)
+    assert "loading" not in capsys.readouterr().err
+
+
+def test_skeleton_skips_initialisers_on_meta_but_keeps_real_buffers_right():
+    eager = tiny_llama()
+    config = eager.config
+    model = build_skeleton(config, transformers.LlamaForCausalLM, torch.float32)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert inv_freq.device.type == "cpu"
+    torch.testing.assert_close(inv_freq, eager.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    # transformers' own initialisers are restored afterwards
+    from transformers import initialization
+
+    assert initialization.TORCH_INIT_FUNCTIONS["normal_"] is torch.nn.init.normal_
