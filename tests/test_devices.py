@@ -13,13 +13,14 @@ from bigload.devices import (
     free_memory_bytes,
     is_accelerator,
     parse_device,
+    parse_dtype,
     parse_max_memory,
     parse_max_memory_text,
     parse_placement,
     parse_size,
     placement_str,
 )
-from bigload.errors import BigloadError, DeviceError, SizeError
+from bigload.errors import BigloadError, DeviceError, DtypeError, SizeError
 
 GiB = 1 << 30
 CUDA_OR_NONE = pytest.mark.skipif(
@@ -261,3 +262,19 @@ def test_free_memory_of_cpu_is_positive_bytes():
 def test_free_memory_of_meta_is_an_error():
     with pytest.raises(DeviceError, match="meta"):
         free_memory_bytes(torch.device("meta"))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("bf16", torch.bfloat16),
+     ("fp16", torch.float16), ("FP32", torch.float32), (torch.int8, torch.int8), (None, None)],
+)
+def test_parse_dtype_table(given, expected):
+    assert parse_dtype(given) is expected
+
+
+def test_parse_dtype_errors_name_the_value_and_the_way_out():
+    with pytest.raises(DtypeError, match="'float17' is not a torch dtype.*bfloat16"):
+        parse_dtype("float17")
+    with pytest.raises(DtypeError, match="int8 is not a floating-point dtype"):
+        parse_dtype(torch.int8, floating=True)

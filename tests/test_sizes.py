@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.errors import SizeError
+from bigload.errors import DtypeError
 from bigload.sizes import (
     compute_module_sizes,
     dtype_nbytes,
@@ -56,7 +56,7 @@ def test_tensor_nbytes_of_shape_and_tensor():
 
 
 def test_bad_dtype_names_the_dtype():
-    with pytest.raises(SizeError, match="'float99'"):
+    with pytest.raises(DtypeError, match="'float99'"):
         dtype_nbytes("float99")
 
 

@@ -12,7 +12,7 @@ from typing import Literal, Union
 
 import torch
 
-from .errors import DeviceError, SizeError
+from .errors import DeviceError, DtypeError, SizeError
 
 DISK: Literal["disk"] = "disk"
 Placement = Union[torch.device, Literal["disk"]]
@@ -207,3 +207,30 @@ def free_memory_bytes(device: torch.device) -> int:
 
         return int(psutil.virtual_memory().available)
     raise DeviceError(f"cannot ask {device} for its free memory")
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def parse_dtype(
+    dtype: torch.dtype | str | None, *, floating: bool = False, what: str = "dtype"
+) -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bfloat16"``, ``"torch.float16"``, ``"bf16"``, ``"fp16"`` →
+    torch.dtype (None stays None). ``floating=True`` refuses int/bool dtypes."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        result = dtype
+    else:
+        name = str(dtype).strip().removeprefix("torch.")
+        result = getattr(torch, _DTYPE_ALIASES.get(name.lower(), name), None)
+        if not isinstance(result, torch.dtype):
+            raise DtypeError(
+                f"{what}={dtype!r} is not a torch dtype; use e.g. torch.bfloat16, 'bfloat16', "
+                "'float16' or 'float32'"
+            )
+    if floating and result is not None and not result.is_floating_point:
+        raise DtypeError(
+            f"{what}={result} is not a floating-point dtype: it casts float tensors only (int "
+            "and bool tensors keep their own dtype); use e.g. torch.bfloat16"
+        )
+    return result

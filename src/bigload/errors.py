@@ -28,6 +28,10 @@ class DeviceError(BigloadError, ValueError):
     """A device name that cannot be parsed, or a device that is not available here."""
 
 
+class DtypeError(BigloadError, ValueError):
+    """A dtype that cannot be parsed, or one that cannot be used where it was given."""
+
+
 class SizeError(BigloadError, ValueError):
     """A memory size ('24GiB', '500MB', bytes) that cannot be parsed, or a malformed budget."""
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointIndex, read_index
+from .devices import parse_dtype
 from .errors import ModelResolveError
 from .hf_conversions import prepare_checkpoint
 from .skeleton import init_empty_weights
@@ -79,7 +80,7 @@ def _from_hub_cache(model_id: str) -> Path:
 def model_dtype(config: Any, index: CheckpointIndex, dtype: torch.dtype | str | None) -> Any:
     """transformers' ``dtype="auto"``: the config's dtype, else the checkpoint's first float."""
     if dtype not in (None, "auto"):
-        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return parse_dtype(dtype, floating=True)
     configured = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(
         config, "torch_dtype", None)
     if isinstance(configured, str):

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import CheckpointIndex, CheckpointReader, open_reader, read_index
 from .devicemap import DeviceMap, normalize_device_map, placement_of
-from .devices import DISK, Placement, format_size, is_accelerator, placement_str
+from .devices import DISK, Placement, format_size, is_accelerator, parse_dtype, placement_str
 from .errors import DeviceMapError, OffloadError, format_problems
 from .offload import (
     STORE_ATTR,
@@ -136,7 +136,7 @@ def load_checkpoint_in_model(
     _check_policy(missing)
     if unexpected not in ("error", "warn", "ignore"):
         raise ValueError(f"unexpected={unexpected!r}: use 'error', 'warn' or 'ignore'")
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype, floating=True)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else read_index(checkpoint)
     dmap = normalize_device_map(device_map) if device_map is not None else None
     report = verify(model, index, key_map=key_map, device_map=dmap)
@@ -165,21 +165,6 @@ def load_checkpoint_in_model(
     result.seconds = time.perf_counter() - start
     logger.info("%s", result)
     return result
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    value = dtype if isinstance(dtype, torch.dtype) else getattr(
-        torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16')")
-    if not value.is_floating_point:
-        raise ValueError(
-            f"dtype={value} is not a floating-point dtype: dtype= casts float tensors only "
-            "(int and bool tensors keep their own dtype); use e.g. torch.bfloat16"
-        )
-    return value
 
 
 def untie_conflicts(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .devices import parse_dtype
 from .errors import SizeError
 
 TensorKind = Literal["parameter", "buffer"]
@@ -32,15 +33,8 @@ class TensorSize:
 
 
 def to_dtype(dtype: DtypeLike | None) -> torch.dtype | None:
-    """``"float16"``, ``"torch.bfloat16"`` or a torch.dtype → torch.dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    result = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(result, torch.dtype):
-        raise SizeError(
-            f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'"
-        )
-    return result
+    """``"float16"``, ``"torch.bfloat16"``, ``"bf16"`` or a torch.dtype → torch.dtype."""
+    return parse_dtype(dtype)
 
 
 def dtype_nbytes(dtype: DtypeLike) -> float:
