@@ -511,3 +511,33 @@ def test_public_names_resolve():
     assert callable(bigload.load_checkpoint_in_model)
     assert callable(bigload.load_checkpoint_and_dispatch)
     assert bigload.LoadReport is LoadReport
+
+
+class HalfInit(nn.Module):
+    """reset_parameters() initialises the weight only: a missing bias would stay unset."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(4, 4))
+        self.bias = nn.Parameter(torch.empty(4))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class TwoParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = HalfInit()
+
+
+def test_an_initialiser_that_skips_a_missing_tensor_fails_before_anything_loads(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"first.weight": torch.ones(4, 4), "first.bias": torch.zeros(4),
+               "second.weight": torch.ones(4, 4)}, path)
+    model = skeleton(TwoParts)
+    with pytest.raises(NoInitError, match="'second.bias'"):
+        load_checkpoint_in_model(model, path, missing="init")
+    # no checkpoint tensor was loaded: the failure came first
+    assert model.first.weight.device.type == "meta" and model.first.bias.device.type == "meta"

@@ -155,10 +155,12 @@ def load_checkpoint_in_model(
                         tied=list(report.tied), prefix_change=report.prefix_change,
                         kept=list(report.kept))
     main_device = _main_device(dmap)
+    # missing tensors first: an initialiser that leaves one unset fails before any checkpoint
+    # tensor has moved (the owner's other tensors are still meta, so init leaves them alone)
+    _initialize_missing(model, jobs, missing, init_fn, store, main_device, result)
     with open_reader(index) as reader, _progress(progress, jobs) as bar:
         _load_disk(jobs, convert, reader, store, folder, model, index, result, bar)
         _load_direct(jobs, reader, store, main_device, result, bar)
-    _initialize_missing(model, jobs, missing, init_fn, store, main_device, result)
     _place_nonpersistent(nonpersistent, dmap, main_device)
     if store.items:
         object.__setattr__(model, STORE_ATTR, store)
