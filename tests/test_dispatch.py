@@ -418,8 +418,10 @@ def test_weights_read_outside_their_forward_on_gpu(tmp_path):
     eager = ParentReadsChildModel()
     path = tmp_path / "model.safetensors"
     save_file(eager.state_dict(), path)
+    # the parent reads the child's weight itself: it is named a preload module (as in accelerate)
     model = load_checkpoint_and_dispatch(skeleton(ParentReadsChildModel), path,
-                                         device_map={"a": 0, "child": "disk"})
+                                         device_map={"a": 0, "child": "disk"},
+                                         preload_module_classes=["ParentReadsChildModel"])
     x = torch.randn(2, 4)
     torch.testing.assert_close(model(x.cuda()).cpu(), eager(x))
 
@@ -483,4 +485,23 @@ def test_tie_alias_in_a_resident_unit_borrows_the_offloaded_tensor(swapping, tmp
     ids = torch.tensor([[1, 5, 7]])
     with torch.no_grad():
         assert torch.equal(model(ids), tied_model(ids))
+    assert state.swapped == {}
+
+
+def test_preload_module_classes_page_a_childs_weights_in_around_the_parent(
+    swapping, tmp_path
+):
+    torch.manual_seed(0)
+    eager = ParentReadsChildModel()
+    path = tmp_path / "model.safetensors"
+    save_file(eager.state_dict(), path)
+    model = load_checkpoint_and_dispatch(skeleton(ParentReadsChildModel), path,
+                                         device_map={"a": "cpu", "child": "disk"},
+                                         preload_module_classes=["ParentReadsChildModel"])
+    state = model.__dict__[dispatch_module.STATE_ATTR]
+    child = next(u for u in state.units if u.name == "child")
+    assert child.module is model  # hooked at the parent, whose forward reads child.weight
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), eager(x))
     assert state.swapped == {}

@@ -383,9 +383,28 @@ def _build_units(
         whole = plan_units is not None or not offloaded
         pieces = [(name, _hook_module(model, name))] if whole else _split_key(
             model, name, keep_whole)
-        units.extend(Unit(n, module, placement, execution) for n, module in pieces)
+        units.extend(Unit(n, _preloading_ancestor(model, n, preload) or module, placement,
+                          execution) for n, module in pieces)
     _assign_slots(model, units, dmap)
     return [u for u in units if u.slots or u.borrowed]
+
+
+def _preloading_ancestor(
+    model: nn.Module, name: str, preload: Sequence[str] | None
+) -> nn.Module | None:
+    """The outermost module of a ``preload_module_classes`` class that contains unit ``name``:
+    the unit pages in around *its* forward, for weights it reads from its children directly."""
+    if not preload:
+        return None
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) + 1):
+        try:
+            module = model.get_submodule(".".join(parts[:depth]))
+        except AttributeError:
+            return None
+        if type(module).__name__ in preload:
+            return module
+    return None
 
 
 def _plan_units(device_map: Any) -> DeviceMap | None:
