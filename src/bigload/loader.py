@@ -280,8 +280,11 @@ def _offload_folder(
                  f"{_dt(index.entries[j.key].dtype)})" for j in convert]  # type: ignore[index]
         raise OffloadError(
             f"{len(convert)} tensor(s) planned for disk must be converted before they can be "
-            "served from disk (the checkpoint is not safetensors, or its dtype differs):\n"
-            + format_problems(names) + "\nPass offload_folder=... (written once, fingerprinted)."
+            "served from disk (the checkpoint is not safetensors, its dtype differs, or the "
+            "tensor is built from several checkpoint tensors):\n"
+            + format_problems(names)
+            + "\nPass offload_folder=... (offload_dir=... to bigload.load; written once, "
+            "fingerprinted, reused by later loads)."
         )
     specs = [(j.tensor.fqn, j.dtype, j.tensor.shape) for j in convert]
     value = fingerprint(type(model).__name__, specs, source_identity(index.files))
