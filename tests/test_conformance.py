@@ -289,4 +289,4 @@ def test_a_conversion_that_cannot_be_planned_is_refused(tmp_path, monkeypatch):
     conversions = plan_conversions(skeleton, index)
     assert len(conversions.problems) == 2 and "needs the data" in conversions.problems[0]
     with pytest.raises(CheckpointMismatchError, match="cannot plan"):
-        hf_conversions.prepare_checkpoint(skeleton, index, read=False)
+        hf_conversions.prepare_checkpoint(skeleton, index)

@@ -151,6 +151,8 @@ def dispatch_model(
     A map to one device is :func:`bigload.materialize` (meta tensors raise, listed). Maps over
     several devices, ``"cpu"`` and ``"disk"`` page offloaded weights in around each unit.
     Accepts a DevicePlan, a dict ``{module: device}``, or one device. Returns ``model``.
+    ``offload_buffers`` is accepted for accelerate's signature: buffers of offloaded units page
+    in with their weights either way (the planner's ``offload_buffers`` decides their budget).
     """
     dmap = normalize_device_map(device_map)
     if getattr(model, STATE_ATTR, None) is not None:
@@ -385,7 +387,7 @@ def _build_units(
             model, name, keep_whole)
         units.extend(Unit(n, _preloading_ancestor(model, n, preload) or module, placement,
                           execution) for n, module in pieces)
-    _assign_slots(model, units, dmap)
+    _assign_slots(model, units)
     return [u for u in units if u.slots or u.borrowed]
 
 
@@ -447,7 +449,7 @@ def _split(name: str, module: nn.Module, keep_whole: set[str]) -> Iterable[tuple
         yield from _split(f"{name}.{child_name}" if name else child_name, child, keep_whole)
 
 
-def _assign_slots(model: nn.Module, units: list[Unit], dmap: DeviceMap) -> None:
+def _assign_slots(model: nn.Module, units: list[Unit]) -> None:
     """Each tensor belongs to the unit of its first name. A tie alias in another unit that runs
     on an accelerator while the owner pages its weights in *borrows* the tensor: it is swapped
     in around that unit's forward too (a tied lm_head on GPU, its embedding on disk)."""

@@ -313,5 +313,5 @@ def verify_model(model: nn.Module, index: CheckpointIndex) -> Any:
     """The VerifyReport :func:`load` would act on (same key map as the load)."""
     from .preflight import verify
 
-    index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model), read=False)
+    index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model))
     return verify(model, index, key_map=key_map)

@@ -59,10 +59,8 @@ def prepare_checkpoint(
     model: nn.Module,
     index: CheckpointIndex,
     key_map: Mapping[str, str] | None = None,
-    *,
-    read: bool = True,
 ) -> tuple[CheckpointIndex, dict[str, str] | None]:
-    """``(index, key_map)`` to load (or, ``read=False``, only verify) ``index`` into the
+    """``(index, key_map)`` to load or verify ``index`` into the
     transformers ``model``: its conversions planned (:func:`plan_conversions`), derived tensors
     as entries (:func:`converted_index`), renames added to ``key_map``. Raises
     CheckpointMismatchError for conversions that cannot be planned."""

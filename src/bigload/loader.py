@@ -157,9 +157,9 @@ def load_checkpoint_in_model(
     main_device = _main_device(dmap)
     # missing tensors first: an initialiser that leaves one unset fails before any checkpoint
     # tensor has moved (the owner's other tensors are still meta, so init leaves them alone)
-    _initialize_missing(model, jobs, missing, init_fn, store, main_device, result)
+    _initialize_missing(model, jobs, missing, init_fn, store, result)
     with open_reader(index) as reader, _progress(progress, jobs) as bar:
-        _load_disk(jobs, convert, reader, store, folder, model, index, result, bar)
+        _load_disk(jobs, convert, reader, store, folder, index, result, bar)
         _load_direct(jobs, reader, store, main_device, result, bar)
     _place_nonpersistent(nonpersistent, dmap, main_device)
     if store.items:
@@ -303,7 +303,7 @@ class OffloadTarget:
     existing: CheckpointReader | None
 
 
-def _load_disk(jobs, convert, reader, store, folder, model, index, result, bar) -> None:  # noqa: ANN001
+def _load_disk(jobs, convert, reader, store, folder, index, result, bar) -> None:  # noqa: ANN001
     converting = {id(j) for j in convert}
     for job in jobs:
         if job.key is None or job.placement != DISK or id(job) in converting:
@@ -317,10 +317,10 @@ def _load_disk(jobs, convert, reader, store, folder, model, index, result, bar) 
         result.zero_copy += 1
         bar.update(job.nbytes)
     if convert and folder is not None:
-        _load_converted(convert, reader, store, folder, model, result, bar)
+        _load_converted(convert, reader, store, folder, result, bar)
 
 
-def _load_converted(convert, reader, store, folder, model, result, bar) -> None:  # noqa: ANN001
+def _load_converted(convert, reader, store, folder, result, bar) -> None:  # noqa: ANN001
     path, value = folder.path, folder.fingerprint
     by_name = {j.tensor.fqn: j for j in convert}
     offload_reader = folder.existing
@@ -409,7 +409,7 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _initialize_missing(model, jobs, missing, init_fn, store, main_device, result) -> None:  # noqa: ANN001
+def _initialize_missing(model, jobs, missing, init_fn, store, result) -> None:  # noqa: ANN001
     absent = [j for j in jobs if j.key is None]
     if not absent:
         return

@@ -148,15 +148,14 @@ def replace_tensor(
     slot: TensorSlot,
     new: torch.Tensor,
     *,
-    source: torch.Tensor | None = None,
     root: nn.Module | None = None,
 ) -> None:
     """Make ``slot`` hold ``new``'s data, keeping the parameter's identity (and so its ties).
 
     ``root`` is the model the slot belongs to: when the tensor cannot keep its identity, every
     alias under ``root`` (default: the owning module) is pointed at the new tensor instead.
-    ``source`` is accepted for compatibility; ``new`` is always detached, so the slot never holds
-    the caller's own tensor object or an autograd history.
+    ``new`` is always detached, so the slot never holds the caller's own tensor object or an
+    autograd history.
     """
     old = slot.tensor
     if new is old:
@@ -294,7 +293,7 @@ def initialize_owned(
         with torch.no_grad():
             fn(owner)
     finally:
-        _unpark(owner, parked)
+        _unpark(parked)
     untouched = [
         s.fqn for s in slots if not _was_initialised(s.tensor, versions.get(s.leaf))
     ]
@@ -339,7 +338,7 @@ def _park_others(owner: nn.Module, keep: set[str]) -> list[tuple[dict, str, torc
     return parked
 
 
-def _unpark(owner: nn.Module, parked: list[tuple[dict, str, torch.Tensor]]) -> None:
+def _unpark(parked: list[tuple[dict, str, torch.Tensor]]) -> None:
     for table, leaf, t in parked:
         table[leaf] = t
 
