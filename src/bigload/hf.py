@@ -177,18 +177,16 @@ def load(
     and the LoadReport are ``model.bigload_plan`` and ``model.bigload_report``.
     """
     folder = resolve_model_path(path_or_id)
+    options = dict(
+        device_map=device_map, max_memory=max_memory, dtype=dtype, offload_dir=offload_dir,
+        missing=missing, model_class=model_class, progress=progress, prefetch=prefetch,
+        no_split_module_classes=no_split_module_classes,
+    )
     if (folder / "modules.json").is_file():
         from .sentence import load_sentence_encoder
 
-        return load_sentence_encoder(
-            folder, device_map=device_map, max_memory=max_memory, dtype=dtype,
-            offload_dir=offload_dir, missing=missing, progress=progress, prefetch=prefetch,
-        )
-    return load_transformers_model(
-        folder, device_map=device_map, max_memory=max_memory, dtype=dtype,
-        offload_dir=offload_dir, missing=missing, model_class=model_class, progress=progress,
-        prefetch=prefetch, no_split_module_classes=no_split_module_classes,
-    )
+        return load_sentence_encoder(folder, **options)
+    return load_transformers_model(folder, **options)
 
 
 def load_transformers_model(
@@ -207,9 +205,7 @@ def load_transformers_model(
     from .loader import load_checkpoint_and_dispatch
 
     model, index, _config, target_dtype = _skeleton(folder, dtype, model_class)
-    no_split = no_split_module_classes
-    if no_split is None:
-        no_split = list(getattr(model, "_no_split_modules", None) or []) or None
+    no_split = _no_split(model, no_split_module_classes)
     index, key_map = prepare_checkpoint(model, index, checkpoint_key_map(model))
     load_checkpoint_and_dispatch(
         model, index, device_map=device_map, max_memory=max_memory,
@@ -221,6 +217,13 @@ def load_transformers_model(
     _load_generation_config(model, folder, _transformers())
     model.eval()
     return model
+
+
+def _no_split(model: nn.Module, given: Sequence[str] | None) -> list[str] | None:
+    """The no-split classes: the caller's, else the model's declared ``_no_split_modules``."""
+    if given is not None:
+        return list(given)
+    return list(getattr(model, "_no_split_modules", None) or []) or None
 
 
 def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> list[str] | None:
@@ -299,9 +302,7 @@ def plan_model(
     from .dispatch import prefetch_depth
     from .plan import plan_devices
 
-    no_split = no_split_module_classes
-    if no_split is None:
-        no_split = list(getattr(model, "_no_split_modules", None) or []) or None
+    no_split = _no_split(model, no_split_module_classes)
     return plan_devices(
         model, max_memory=max_memory, strategy=strategy,  # type: ignore[arg-type]
         no_split_module_classes=no_split, dtype=dtype,
