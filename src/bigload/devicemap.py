@@ -65,7 +65,3 @@ def single_device(device_map: Mapping[str, Placement]) -> Placement | None:
     if len(values) == 1 and values != {DISK}:
         return next(iter(device_map.values()))
     return None
-
-
-def to_json_map(device_map: Mapping[str, Placement]) -> dict[str, str]:
-    return {k: placement_str(v) for k, v in device_map.items()}

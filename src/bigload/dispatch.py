@@ -360,7 +360,6 @@ def _offload_to_disk(
         reader, written = write_offload_folder(folder, specs, lambda n: by_name[n].tensor, value)
         store.bytes_written += written
     store.readers.append(reader)
-    store.folder = folder
     slots = {s.fqn: s for s in todo}
     for item in stored_views(reader):
         store.add(item)

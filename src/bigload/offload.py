@@ -61,7 +61,6 @@ class OffloadStore:
         self.items: dict[str, StoredTensor] = {}
         self.readers: list[CheckpointReader] = []
         self.bytes_written = 0
-        self.folder: Path | None = None
         self._pool = ThreadPoolExecutor(max_workers=prefetch_workers,
                                         thread_name_prefix="bigload-prefetch")
         self._pending: dict[str, Future] = {}
