@@ -23,14 +23,9 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = ("[UNK] [PAD] <s> </s> the a cat dog sat on mat ran fast slow big small red blue green "
          "house tree").split()
 PROMPT = "the cat sat on"
-# with no unit fetched ahead (BIGLOAD_PREFETCH=0, see no_prefetch) this budget splits the model
-DISK_BUDGET = ["--max-memory", "cpu=60KB,disk=1GB"]
-
-
-@pytest.fixture
-def no_prefetch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny llama's two blocks are half the model: holding one ahead leaves nothing to save."""
-    monkeypatch.setenv("BIGLOAD_PREFETCH", "0")  # the tiny llama is 78 KiB in float32
+# with no unit fetched ahead (the default on the CPU) this budget splits the tiny llama (78 KiB
+# in float32; its two blocks are half the model: holding one ahead would leave nothing to save)
+DISK_BUDGET = ["--max-memory", "cpu=60KB,disk=1GB", "--prefetch", "0"]
 
 
 # --- fixtures: tiny folders written by the real writers ----------------------------------------
@@ -196,7 +191,7 @@ def test_inspect_sharded_folder(capsys: pytest.CaptureFixture, bert_sharded: Pat
 
 # --- plan --------------------------------------------------------------------------------------
 def test_plan_with_disk_matches_the_plan_load_makes(
-    capsys: pytest.CaptureFixture, llama_folder: Path, no_prefetch: None
+    capsys: pytest.CaptureFixture, llama_folder: Path
 ) -> None:
     from bigload.hf import load
     from bigload.plan import DevicePlan
@@ -207,7 +202,7 @@ def test_plan_with_disk_matches_the_plan_load_makes(
     code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET, "--json")
     plan = DevicePlan.from_json(out)
     assert {u.placement for u in plan.units} == {"cpu", "disk"}
-    loaded = load(llama_folder, max_memory={"cpu": "60KB", "disk": "1GB"})
+    loaded = load(llama_folder, max_memory={"cpu": "60KB", "disk": "1GB"}, prefetch=0)
     assert loaded.bigload_plan == plan
 
 
@@ -272,7 +267,7 @@ def test_run_without_default_model_package(
 
 
 def test_run_generation_with_disk_offload_matches_transformers(
-    capsys: pytest.CaptureFixture, llama_folder: Path, no_prefetch: None
+    capsys: pytest.CaptureFixture, llama_folder: Path
 ) -> None:
     code, out, err = run_cli(capsys, "-v", "run", llama_folder, *DISK_BUDGET,
                              "--prompt", PROMPT, "--max-new-tokens", 8, "--json")

@@ -23,7 +23,6 @@ transformers = pytest.importorskip("transformers")
 
 from bigload import load as bigload_load  # noqa: E402
 from bigload.checkpoint import open_reader, read_index  # noqa: E402
-from bigload.dispatch import prefetch_depth  # noqa: E402
 from bigload.errors import CheckpointMismatchError, DoesNotFitError  # noqa: E402
 from bigload.hf import build_skeleton  # noqa: E402
 from bigload.hf_conversions import converted_index, plan_conversions  # noqa: E402
@@ -68,7 +67,7 @@ def split_budget(model: torch.nn.Module, fraction: float) -> int:
     while budget < 2 * total:
         try:
             plan = plan_devices(model, max_memory={"cpu": budget, "disk": "1GB"},
-                                no_split_module_classes=no_split, prefetch=prefetch_depth())
+                                no_split_module_classes=no_split)
         except DoesNotFitError:
             plan = None
         if plan is not None and splits(planned_bytes(model, plan)):

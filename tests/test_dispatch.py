@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import bigload.dispatch as dispatch_module
+import bigload.runtime.hooks as dispatch_module
 from bigload import (
     cpu_offload,
     cpu_offload_with_hook,

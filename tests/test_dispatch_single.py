@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigload import init_empty_weights, set_module_tensor_to_device
+from bigload import dispatch_model, init_empty_weights, set_module_tensor_to_device
 from bigload.devices import accelerator_type
 from bigload.errors import DeviceError, DeviceMapError, MetaTensorError, SkeletonError
 from conftest import (
@@ -17,9 +17,6 @@ from conftest import (
     all_tensors,
     devices_of,
 )
-
-pytest.importorskip("bigload.dispatch", reason="bigload.dispatch (the lead's module) not landed")
-from bigload import dispatch_model  # noqa: E402
 
 CPU_MAPS = [
     pytest.param({"": "cpu"}, id="map-str"),

@@ -5,6 +5,7 @@ after, foreign or half-written folders refused, and pages fetched ahead / releas
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import bigload.loader as load_module
+import bigload.offload.folder as folder_module
 from bigload import disk_offload, init_empty_weights, load_checkpoint_and_dispatch
 from bigload.checkpoint import CheckpointReader, read_index
 from bigload.errors import OffloadError
@@ -167,20 +168,23 @@ def test_a_folder_of_unknown_files_is_refused(tmp_path, bf16_file):
 
 def test_a_failed_conversion_leaves_nothing_that_looks_complete(tmp_path, bf16_file, eager, x,
                                                                   monkeypatch):
-    real_write = load_module.write_offload_folder
+    real_write = folder_module.write_folder
 
-    def failing_write(folder, tensors, produce, fingerprint_value):
+    def failing_write(folder, items, fingerprint_value):
         calls = []
 
-        def produce_then_fail(name):
-            calls.append(name)
-            if len(calls) == 5:
-                raise OSError("No space left on device")
-            return produce(name)
+        def failing(item):
+            def produce():
+                calls.append(item.name)
+                if len(calls) == 5:
+                    raise OSError("No space left on device")
+                return item.produce()
 
-        return real_write(folder, tensors, produce_then_fail, fingerprint_value)
+            return dataclasses.replace(item, produce=produce)
 
-    monkeypatch.setattr(load_module, "write_offload_folder", failing_write)
+        return real_write(folder, [failing(i) for i in items], fingerprint_value)
+
+    monkeypatch.setattr(folder_module, "write_folder", failing_write)
     folder = tmp_path / "offload"
     with pytest.raises(OSError, match="No space left"):
         load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
@@ -189,7 +193,7 @@ def test_a_failed_conversion_leaves_nothing_that_looks_complete(tmp_path, bf16_f
     assert not folder.exists() or not any(folder.iterdir())
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
-    monkeypatch.setattr(load_module, "write_offload_folder", real_write)  # the retry works
+    monkeypatch.setattr(folder_module, "write_folder", real_write)  # the retry works
     model = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                          offload_folder=folder)
     assert model.bigload_report.bytes_written > 0
@@ -271,9 +275,8 @@ def _run_chain(chain_file, spy, **kwargs) -> None:
 
 
 def test_on_the_cpu_nothing_is_fetched_ahead_by_default_and_each_unit_is_released(
-    chain_file, spy, monkeypatch
+    chain_file, spy
 ):
-    monkeypatch.delenv("BIGLOAD_PREFETCH", raising=False)
     _run_chain(chain_file, spy)
     assert [kind for kind, _ in spy if kind == "prefetch"] == []
     releases = [_unit(f) for kind, f in spy if kind == "release"]
@@ -292,13 +295,6 @@ def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, s
     assert during_b == ["c"]
 
 
-def test_env_bigload_prefetch_sets_the_depth(chain_file, spy, monkeypatch):
-    monkeypatch.setenv("BIGLOAD_PREFETCH", "1")
-    _run_chain(chain_file, spy)
-    first_release = next(i for i, (kind, _) in enumerate(spy) if kind == "release")
-    assert [_unit(f) for kind, f in spy[:first_release] if kind == "prefetch"] == ["b"]
-
-
 def test_prefetch_depth_two(chain_file, spy):
     _run_chain(chain_file, spy, prefetch=2)
     first_release = next(i for i, (kind, _) in enumerate(spy) if kind == "release")
@@ -315,13 +311,6 @@ def test_prefetch_zero_turns_it_off(chain_file, spy):
     _run_chain(chain_file, spy, prefetch=0)
     assert [kind for kind, _ in spy if kind == "prefetch"] == []
     assert [_unit(f) for kind, f in spy if kind == "release"] == ["a", "b", "c"]
-
-
-def test_env_bigload_prefetch_zero_turns_it_off(chain_file, spy, monkeypatch):
-    monkeypatch.setenv("BIGLOAD_PREFETCH", "0")
-    _run_chain(chain_file, spy)
-    assert [kind for kind, _ in spy if kind == "prefetch"] == []
-    assert len([kind for kind, _ in spy if kind == "release"]) == 3
 
 
 def test_cpu_tier_units_are_neither_prefetched_nor_released(chain_file, spy):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.ties import find_tied_parameters, fix_tied_placements, retie_parameters, tie_groups
+from bigload.plan import plan_from_device_map
+from bigload.ties import find_tied_parameters, retie_parameters, tie_groups
 
 
 class Shared(nn.Module):
@@ -56,27 +57,24 @@ def test_retie_parameters_restores_identity(model):
 
 
 @pytest.mark.parametrize(
-    ("device_map", "expected", "moved"),
+    ("device_map", "home", "warned"),
     [
-        ({"embed": 0, "block": 0, "head": 0}, {"embed": 0, "block": 0, "head": 0}, 0),
-        ({"embed": 0, "head": "cuda:0"}, {"embed": 0, "head": "cuda:0"}, 0),
-        ({"embed": 0, "head": 1}, {"embed": 0, "head": 0}, 1),
-        ({"": "cpu", "head": "disk"}, {"": "cpu", "head": "cpu"}, 1),
-        ({"embed": "cpu", "head.weight": 1}, {"embed": "cpu", "head": "cpu"}, 1),
-        ({"embed.weight": "disk", "": 0}, {"embed.weight": "disk", "": 0, "head": "disk"}, 1),
+        ({"": 0}, "cuda:0", 0),
+        ({"": 0, "head": "cuda:0"}, "cuda:0", 0),
+        ({"": 0, "head": 1}, "cuda:0", 1),
+        ({"": "cpu", "head": "disk"}, "cpu", 1),
+        ({"": "cpu", "head.weight": 1}, "cpu", 1),
+        ({"embed.weight": "disk", "": 0}, "disk", 1),
     ],
 )
-def test_fix_tied_placements(device_map, expected, moved, caplog):
-    original = dict(device_map)
-    with caplog.at_level(logging.WARNING, logger="bigload.ties"):
-        fixed, messages = fix_tied_placements(device_map, [("embed.weight", "head.weight")])
-    assert fixed == expected
-    assert device_map == original
-    assert len(messages) == moved == len(caplog.records)
-    if moved:
+def test_a_tie_split_by_a_device_map_lives_with_its_first_member(
+    model, device_map, home, warned, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="bigload.plan"):
+        plan = plan_from_device_map(model, device_map, check_available=False)
+    assert str(plan.placement_of("head.weight")) == home
+    assert str(plan.placement_of("embed.weight")) == home
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == warned
+    if warned:
         assert "'head.weight'" in messages[0] and "'embed.weight'" in messages[0]
-
-
-def test_fix_tied_placements_ignores_uncovered_members():
-    fixed, messages = fix_tied_placements({"embed": 0}, [("embed.weight", "head.weight")])
-    assert fixed == {"embed": 0} and messages == []

@@ -15,8 +15,8 @@ from torch import nn
 
 from bigload import init_empty_weights, load_checkpoint_in_model
 from bigload.checkpoint import CheckpointReader
-from bigload.devicemap import normalize_device_map
 from bigload.errors import CheckpointMismatchError, MissingWeightsError, SkeletonError
+from bigload.plan import plan_from_device_map
 from bigload.preflight import verify
 from conftest import (
     BatchNormModel,
@@ -306,7 +306,7 @@ def test_verify_reads_no_tensor_data_and_changes_nothing(tmp_path, nested_state,
     del state["norm.weight"]
     path = save({**state, "extra": torch.zeros(1)}, tmp_path / "model.safetensors")
     model = skeleton(NestedBlocksModel)
-    report = verify(model, path, device_map=normalize_device_map(MIXED_MAP))
+    report = verify(model, path, plan=plan_from_device_map(model, MIXED_MAP))
     assert not report.ok
     assert report.missing == ("norm.weight",)
     assert report.unexpected == ("extra",)

@@ -1,15 +1,21 @@
 """bigload: load and run PyTorch models bigger than any one device, every tensor accounted for.
 
-The pipeline, one stage a module, data objects between them::
+The pipeline, one stage a module, data objects between them; the plan is the one hand-off::
 
     factory ──► skeleton ──► sizes ──► plan ──► verify ──► load ──► dispatch
     checkpoint ─► index ──────────────────┘
 
     with bigload.init_empty_weights():          # skeleton: parameters on meta, ties kept
         model = MyModel(config)
-    report = bigload.load_checkpoint_and_dispatch(model, "ckpt/", device_map="auto")
+    index = bigload.read_index("ckpt/")
+    plan = bigload.plan_devices(model, index=index, max_memory={"cpu": "8GiB"})
+    report = bigload.verify(model, index, plan=plan)
+    loaded = bigload.load_weights(model, index, plan, verified=report)
+    bigload.dispatch(model, plan, loaded.store)
 
-or, for transformers checkpoints, ``model = bigload.load("path/to/folder")``.
+``load_checkpoint_and_dispatch`` (accelerate's names, ``bigload.compat.accelerate``) is that
+composition in one call; for transformers checkpoints, ``model = bigload.load("path/to/folder")``.
+
 Public names are imported lazily so that ``import bigload`` (and the CLI) start fast.
 """
 
@@ -24,7 +30,6 @@ _EXPORTS: dict[str, str] = {
     # skeleton and materialisation
     "init_empty_weights": "skeleton",
     "init_on_device": "skeleton",
-    "set_module_tensor_to_device": "tensors",
     "materialize": "tensors",
     # devices
     "parse_device": "devices",
@@ -40,24 +45,33 @@ _EXPORTS: dict[str, str] = {
     "find_tied_parameters": "ties",
     "retie_parameters": "ties",
     "plan_devices": "plan",
+    "plan_from_device_map": "plan",
     "DevicePlan": "plan",
-    "infer_auto_device_map": "plan",
-    "get_balanced_memory": "plan",
-    "get_max_memory": "plan",
-    "clean_device_map": "plan",
-    "check_device_map": "plan",
-    # verify and load
+    "PlannedUnit": "plan",
+    # verify, load, dispatch: the stages
     "verify": "preflight",
     "VerifyReport": "preflight",
-    "load_checkpoint_in_model": "loader",
-    "load_checkpoint_and_dispatch": "loader",
-    "LoadReport": "loader",
-    # dispatch and offload
-    "dispatch_model": "dispatch",
-    "cpu_offload": "dispatch",
-    "disk_offload": "dispatch",
-    "cpu_offload_with_hook": "dispatch",
-    "remove_hooks": "dispatch",
+    "load_weights": "loader",
+    "place_weights": "loader",
+    "LoadOptions": "loader",
+    "Loaded": "loader",
+    "LoadReport": "report",
+    "OffloadStore": "offload",
+    "dispatch": "runtime",
+    "remove_hooks": "runtime",
+    # accelerate's API, at the edge
+    "set_module_tensor_to_device": "compat.accelerate",
+    "infer_auto_device_map": "compat.accelerate",
+    "get_balanced_memory": "compat.accelerate",
+    "get_max_memory": "compat.accelerate",
+    "clean_device_map": "compat.accelerate",
+    "check_device_map": "compat.accelerate",
+    "load_checkpoint_in_model": "compat.accelerate",
+    "load_checkpoint_and_dispatch": "compat.accelerate",
+    "dispatch_model": "compat.accelerate",
+    "cpu_offload": "compat.accelerate",
+    "disk_offload": "compat.accelerate",
+    "cpu_offload_with_hook": "compat.accelerate",
     # transformers
     "load": "hf",
 }

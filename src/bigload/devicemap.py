@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .devices import DISK, DeviceLike, Placement, parse_placement, placement_str
+from .devices import DeviceLike, Placement, parse_placement
 from .errors import DeviceError, DeviceMapError
 
 DeviceMap = dict[str, Placement]
@@ -16,12 +16,10 @@ V = TypeVar("V")
 
 
 def normalize_device_map(device_map: Any, *, check_available: bool = True) -> DeviceMap:
-    """``"cpu"``, ``0``, ``torch.device``, ``{"": ...}``, a dict of prefixes, or a DevicePlan
+    """``"cpu"``, ``0``, ``torch.device``, ``"disk"``, ``{"": ...}`` or a dict of prefixes
     → ``{prefix: placement}`` with parsed placements."""
     if device_map is None:
         return {"": torch.device("cpu")}
-    if hasattr(device_map, "device_map") and not isinstance(device_map, Mapping):
-        device_map = device_map.device_map  # a DevicePlan
     if isinstance(device_map, (int, str, torch.device)) and not isinstance(device_map, bool):
         return {"": _parse(device_map, "", check_available)}
     if not isinstance(device_map, Mapping):
@@ -49,19 +47,3 @@ def covering_entry(mapping: Mapping[str, V], fqn: str) -> tuple[str, V] | None:
         if not name:
             return None
         name = name.rpartition(".")[0]
-
-
-def placement_of(device_map: Mapping[str, Placement], fqn: str) -> Placement | None:
-    """The placement of ``fqn``: the entry of its longest prefix."""
-    found = covering_entry(device_map, fqn)
-    return found[1] if found else None
-
-
-def single_device(device_map: Mapping[str, Placement]) -> Placement | None:
-    """The one placement of a map that sends everything to one place, else None."""
-    values = {placement_str(v) for v in device_map.values()}
-    if len(values) == 1 and "" in device_map:
-        return device_map[""]
-    if len(values) == 1 and values != {DISK}:
-        return next(iter(device_map.values()))
-    return None

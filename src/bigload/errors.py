@@ -113,6 +113,11 @@ class DispatchError(BigloadError):
     """A model cannot be dispatched as asked (for example ``.to()`` on a dispatched model)."""
 
 
+class UnsupportedArgumentError(BigloadError, ValueError):
+    """An argument accepted for another library's signature whose behaviour bigload does not
+    offer; the message says why and what to use instead."""
+
+
 # --- transformers integration ------------------------------------------------------------------
 class ModelResolveError(BigloadError):
     """A model path or id cannot be resolved to a folder with a config and weights."""

@@ -202,7 +202,7 @@ def load_transformers_model(
     prefetch: int | None = None,
     no_split_module_classes: Sequence[str] | None = None,
 ) -> nn.Module:
-    from .loader import load_checkpoint_and_dispatch
+    from .compat.accelerate import load_checkpoint_and_dispatch
 
     model, index, _config, target_dtype = _skeleton(folder, dtype, model_class)
     no_split = _no_split(model, no_split_module_classes)
@@ -299,14 +299,13 @@ def plan_model(
     prefetch: int | None = None,
 ) -> Any:
     """The DevicePlan :func:`load` would make for a skeleton from :func:`build_model_skeleton`."""
-    from .dispatch import prefetch_depth
     from .plan import plan_devices
 
     no_split = _no_split(model, no_split_module_classes)
     return plan_devices(
         model, max_memory=max_memory, strategy=strategy,  # type: ignore[arg-type]
         no_split_module_classes=no_split, dtype=dtype,
-        keep_in_fp32_modules=_keep_in_fp32(model, dtype), prefetch=prefetch_depth(prefetch),
+        keep_in_fp32_modules=_keep_in_fp32(model, dtype), prefetch=prefetch,
     )
 
 

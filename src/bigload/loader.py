@@ -1,5 +1,10 @@
-"""Executes a device map: every checkpoint tensor read once, cast on the way, straight to its
-placement; missing tensors follow the policy; nothing left on ``meta``. Makes no decisions.
+"""Executes a plan: every checkpoint tensor read once, cast on the way, straight to its placement;
+missing tensors follow the policy; nothing left on ``meta``. Makes no decisions.
+
+``load_weights`` fills a model from a checkpoint; ``place_weights`` places a model that is
+already in memory. Both return the ``OffloadStore`` that dispatch pages from. Everything that can
+fail (verify, the offload folder, initialisers) runs before the first tensor is placed, and a
+failure while placing puts every tensor back as it was.
 """
 
 from __future__ import annotations
@@ -7,7 +12,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,33 +22,68 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointIndex, CheckpointReader, open_reader, read_index
-from .devicemap import DeviceMap, normalize_device_map, placement_of
-from .devices import DISK, Placement, format_size, is_accelerator, parse_dtype, placement_str
-from .errors import DeviceMapError, OffloadError, format_problems
+from .checkpoint import CheckpointIndex, CheckpointReader, open_reader
+from .devices import DISK, Placement, parse_dtype, placement_str
+from .errors import DeviceMapError, MetaTensorError, OffloadError, format_problems
 from .offload import (
-    STORE_ATTR,
+    OffloadItem,
     OffloadStore,
     StoredTensor,
-    fingerprint,
-    open_offload_folder,
-    source_identity,
-    write_offload_folder,
+    file_identity,
+    serve_from_folder,
+    stored_views,
+    value_digest,
 )
-from .preflight import ModelTensor, Unexpected, model_tensors, raise_for_problems, verify
+from .pages import advise
+from .plan import DevicePlan, check_covers
+from .preflight import (
+    ModelTensor,
+    Unexpected,
+    VerifyReport,
+    model_tensors,
+    raise_for_problems,
+    verify,
+)
+from .report import LoadReport, progress
+from .sizes import tensor_nbytes
 from .skeleton import rebuild_parameter
+from .slots import TensorSlot, find_slot, unique_slots
 from .tensors import (
     InitFn,
     Missing,
-    _check_policy,
-    _materialize_slots,
-    _meta_problems,
-    find_slot,
+    check_policy,
+    materialize_slots,
+    meta_problems,
     replace_tensor,
 )
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load: the target float ``dtype`` (None keeps the model's), modules kept in fp32,
+    the policies for missing and unexpected tensors, checkpoint key renames (regex →
+    replacement), the folder for tensors converted for the disk tier, a progress bar, and the
+    initialiser ``missing="init"`` runs (default: each module's ``reset_parameters``)."""
+
+    dtype: torch.dtype | str | None = None
+    keep_in_fp32_modules: Sequence[str] | None = None
+    missing: Missing = "error"
+    unexpected: Unexpected = "warn"
+    key_map: Mapping[str, str] | None = None
+    offload_folder: str | os.PathLike | None = None
+    progress: bool | None = None
+    init_fn: InitFn | None = None
+
+
+@dataclass
+class Loaded:
+    """The result of a load: what happened (``report``) and the store of offloaded tensors that
+    dispatch pages from (``store``)."""
+
+    report: LoadReport
+    store: OffloadStore = field(default_factory=OffloadStore)
 
 
 @dataclass(frozen=True)
@@ -59,114 +98,63 @@ class Job:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.tensor.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.tensor.shape, self.dtype)
 
 
-@dataclass
-class LoadReport:
-    """What a load did: every tensor of the model is in exactly one of loaded / initialized /
-    kept (tied aliases are listed under ``tied``)."""
-
-    checkpoint: str
-    model_class: str
-    loaded: list[str] = field(default_factory=list)
-    initialized: dict[str, str] = field(default_factory=dict)  # fqn -> how
-    kept: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    tied: list[tuple[str, ...]] = field(default_factory=list)
-    cast: dict[str, str] = field(default_factory=dict)  # fqn -> "bfloat16->float32"
-    bytes_per_device: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0
-    zero_copy: int = 0
-    seconds: float = 0.0
-    prefix_change: str | None = None
-    offload_folder: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["tied"] = [list(g) for g in self.tied]
-        return out
-
-    def __str__(self) -> str:
-        devices = ", ".join(f"{d}: {format_size(b)}" for d, b in self.bytes_per_device.items())
-        lines = [
-            f"loaded {self.model_class} from {self.checkpoint!r} in {self.seconds:.2f} s",
-            f"  tensors loaded: {len(self.loaded)} ({self.zero_copy} as zero-copy file views)",
-            f"  tied groups: {len(self.tied)}",
-            f"  initialised (not in the checkpoint): {len(self.initialized)}",
-            f"  kept (real buffers not in the checkpoint): {len(self.kept)}",
-            f"  unexpected (in the checkpoint, unused): {len(self.unexpected)}",
-            f"  cast: {len(self.cast)}",
-            f"  bytes per device: {devices or 'none'}",
-            f"  bytes written to an offload folder: {format_size(self.bytes_written)}",
-        ]
-        if self.prefix_change:
-            lines.append(f"  checkpoint keys {self.prefix_change}")
-        if self.initialized:
-            lines.append("  initialised tensors:\n" + format_problems(
-                [f"{k!r}: {v}" for k, v in self.initialized.items()]))
-        return "\n".join(lines)
-
-
-def load_checkpoint_in_model(
+def load_weights(
     model: nn.Module,
-    checkpoint: str | os.PathLike | CheckpointIndex,
-    device_map: Any = None,
+    index: CheckpointIndex,
+    plan: DevicePlan,
+    options: LoadOptions = LoadOptions(),
     *,
-    dtype: torch.dtype | str | None = None,
-    keep_in_fp32_modules: Sequence[str] | None = None,
-    missing: Missing = "error",
-    unexpected: Unexpected = "warn",
-    key_map: Mapping[str, str] | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    progress: bool | None = None,
-    init_fn: InitFn | None = None,
-) -> LoadReport:
-    """Load ``checkpoint`` into ``model`` following ``device_map`` and return a LoadReport.
+    verified: VerifyReport | None = None,
+) -> Loaded:
+    """Fill ``model`` from ``index`` where ``plan`` says; return the report and the store.
 
-    Everything is checked first (missing, unexpected, shapes, dtypes, device map coverage, offload
-    folder); on a problem one error lists all of them and the model is untouched. Tensors placed
-    on ``"disk"`` become views of the checkpoint's own safetensors files when their dtype is the
-    target dtype, otherwise of an offload folder written once.
+    Everything is checked first (missing, unexpected, shapes, dtypes, plan coverage, offload
+    folder, initialisers); on a problem one error lists all of them and the model is untouched.
+    Disk-placed tensors become views of the checkpoint's own safetensors files when their dtype
+    is the target dtype, otherwise of an offload folder written once. ``verified`` is the
+    report of ``verify(model, index, plan=plan)`` when the caller already made it.
     """
     start = time.perf_counter()
-    _check_policy(missing)
-    if unexpected not in ("error", "warn", "ignore"):
-        raise ValueError(f"unexpected={unexpected!r}: use 'error', 'warn' or 'ignore'")
-    dtype = parse_dtype(dtype, floating=True)
-    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else read_index(checkpoint)
-    dmap = normalize_device_map(device_map) if device_map is not None else None
-    report = verify(model, index, key_map=key_map, device_map=dmap)
-    raise_for_problems(
-        report, missing=missing, unexpected=unexpected, n_ckpt_files=len(index.files)
-    )
-    if report.tie_conflicts and untie_conflicts(model, index, report.tie_conflicts):
-        report = verify(model, index, key_map=key_map, device_map=dmap)
+    check_policy(options.missing)
+    if options.unexpected not in ("error", "warn", "ignore"):
+        raise ValueError(f"unexpected={options.unexpected!r}: use 'error', 'warn' or 'ignore'")
+    dtype = parse_dtype(options.dtype, floating=True)
+    report = _verified(model, index, plan, options, verified)
     tensors, nonpersistent = model_tensors(model)
-    jobs = _jobs(tensors, report.key_for, dmap, dtype, keep_in_fp32_modules, set(report.kept))
-    _preflight_missing(jobs, missing, init_fn)
-    store = _existing_store(model)
-    convert = [j for j in jobs if j.key and j.placement == DISK and not _zero_copy_ok(j, index)]
-    folder = _offload_folder(convert, offload_folder, model, index)
+    jobs = _jobs(tensors, report.key_for, plan, dtype, options.keep_in_fp32_modules,
+                 set(report.kept))
+    _preflight_missing(jobs, options)
     result = LoadReport(report.checkpoint, type(model).__name__, unexpected=list(report.unexpected),
                         tied=list(report.tied), prefix_change=report.prefix_change,
                         kept=list(report.kept))
-    main_device = _main_device(dmap)
-    # missing tensors first: an initialiser that leaves one unset fails before any checkpoint
-    # tensor has moved (the owner's other tensors are still meta, so init leaves them alone)
-    _initialize_missing(model, jobs, missing, init_fn, store, result)
-    with open_reader(index) as reader, _progress(progress, jobs) as bar:
-        _load_disk(jobs, convert, reader, store, folder, index, result, bar)
-        _load_direct(jobs, reader, store, main_device, result, bar)
-    _place_nonpersistent(nonpersistent, dmap, main_device)
-    if store.items:
-        object.__setattr__(model, STORE_ATTR, store)
+    loaded = Loaded(result)
+    convert = [j for j in jobs if j.key and j.placement == DISK and not _zero_copy_ok(j, index)]
+    with open_reader(index) as reader, _Journal() as journal:
+        # before any tensor moves: the offload folder, then the missing tensors (an initialiser
+        # that leaves one unset fails while the owner's other tensors are still meta)
+        converted = _convert_for_disk(convert, reader, model, index, options, loaded)
+        _initialize_missing(model, jobs, options, loaded, journal)
+        with progress(options.progress, sum(j.nbytes for j in jobs)) as bar:
+            _place_disk(jobs, converted, reader, loaded, journal, bar)
+            _place_direct(jobs, reader, plan, loaded, journal, bar)
+        _place_nonpersistent(nonpersistent, plan, journal)
     result.seconds = time.perf_counter() - start
     logger.info("%s", result)
-    return result
+    return loaded
+
+
+def _verified(model: nn.Module, index: CheckpointIndex, plan: DevicePlan,
+              options: LoadOptions, report: VerifyReport | None) -> VerifyReport:
+    if report is None:
+        report = verify(model, index, key_map=options.key_map, plan=plan)
+    raise_for_problems(report, missing=options.missing, unexpected=options.unexpected,
+                       n_ckpt_files=len(index.files))
+    if report.tie_conflicts and untie_conflicts(model, index, report.tie_conflicts):
+        report = verify(model, index, key_map=options.key_map, plan=plan)
+    return report
 
 
 def untie_conflicts(
@@ -196,41 +184,29 @@ def untie_conflicts(
     return untied
 
 
+# --- jobs ---------------------------------------------------------------------------------------
 def _jobs(
     tensors: list[ModelTensor],
     key_for: Mapping[str, str],
-    dmap: DeviceMap | None,
+    plan: DevicePlan,
     dtype: torch.dtype | None,
     keep_fp32: Sequence[str] | None,
     kept: set[str],
 ) -> list[Job]:
     jobs, uncovered = [], []
     for tensor in tensors:
-        placement = _placement(tensor, dmap)
-        if placement is None:
-            uncovered.append(tensor.fqn)
+        if plan.unit_of(tensor.fqn) is None:
+            uncovered.append(repr(tensor.fqn))
             continue
-        jobs.append(Job(tensor, key_for.get(tensor.fqn), placement,
+        jobs.append(Job(tensor, key_for.get(tensor.fqn), plan.placement_of(tensor.fqn),
                         _target_dtype(tensor, dtype, keep_fp32), tensor.fqn in kept))
     if uncovered:
         raise DeviceMapError(
-            f"the device map places no device for {len(uncovered)} tensor(s):\n"
-            + format_problems([repr(n) for n in uncovered])
-            + "\nAdd their modules (or '') to the map, or use device_map='auto'."
+            f"the plan places no device for {len(uncovered)} tensor(s); was it made for "
+            "another model?\n" + format_problems(uncovered)
+            + "\nPlan this model with plan_devices() or plan_from_device_map()."
         )
     return jobs
-
-
-def _placement(tensor: ModelTensor, dmap: DeviceMap | None) -> Placement | None:
-    if dmap is None:
-        device = tensor.slot.tensor.device
-        return torch.device("cpu") if device.type == "meta" else device
-    found = [placement_of(dmap, name) for name in tensor.names]
-    placed = [p for p in found if p is not None]
-    if len({placement_str(p) for p in placed}) > 1:
-        logger.warning("tied tensors %s are mapped to %s; all go to %s (a tie is one tensor)",
-                       tensor.names, [placement_str(p) for p in placed], placement_str(placed[0]))
-    return placed[0] if placed else None
 
 
 def _target_dtype(
@@ -243,120 +219,87 @@ def _target_dtype(
     return dtype or tensor.dtype
 
 
-def _preflight_missing(jobs: list[Job], missing: Missing, init_fn: InitFn | None) -> None:
+def _preflight_missing(jobs: list[Job], options: LoadOptions) -> None:
     absent = [j.tensor.slot for j in jobs if j.key is None and j.tensor.is_meta]
-    if absent and missing == "init":
-        problem = _meta_problems(absent, missing, init_fn, torch.device("cpu"))
+    if absent and options.missing == "init":
+        problem = meta_problems(absent, options.missing, options.init_fn, torch.device("cpu"))
         if problem is not None:
             raise problem
-
-
-def _existing_store(model: nn.Module) -> OffloadStore:
-    store = getattr(model, STORE_ATTR, None)
-    return store if isinstance(store, OffloadStore) else OffloadStore()
-
-
-def _main_device(dmap: DeviceMap | None) -> torch.device:
-    for placement in (dmap or {}).values():
-        if is_accelerator(placement):
-            return placement  # type: ignore[return-value]
-    return torch.device("cpu")
 
 
 def _zero_copy_ok(job: Job, index: CheckpointIndex) -> bool:
     entry = index.entries[job.key]  # type: ignore[index]
     if entry.byte_range is None or entry.dtype != job.dtype:
         return False
-    return entry.byte_range[0] % max(1, torch.empty((), dtype=entry.dtype).element_size()) == 0
+    return entry.byte_range[0] % max(1, entry.dtype.itemsize) == 0
 
 
-def _offload_folder(
-    convert: list[Job], folder: str | os.PathLike | None, model: nn.Module, index: CheckpointIndex
-) -> OffloadTarget | None:
+# --- the disk tier ------------------------------------------------------------------------------
+def _convert_for_disk(
+    convert: list[Job], reader: CheckpointReader, model: nn.Module, index: CheckpointIndex,
+    options: LoadOptions, loaded: Loaded,
+) -> dict[str, StoredTensor]:
+    """Tensors that cannot be served from the checkpoint's files are converted into the offload
+    folder (reused when its fingerprint matches). Returns their stored views by fqn."""
     if not convert:
-        return None
-    if folder is None:
-        names = [f"{j.tensor.fqn!r} ({_dt(j.dtype)}, checkpoint has "
-                 f"{_dt(index.entries[j.key].dtype)})" for j in convert]  # type: ignore[index]
-        raise OffloadError(
-            f"{len(convert)} tensor(s) planned for disk must be converted before they can be "
-            "served from disk (the checkpoint is not safetensors, its dtype differs, or the "
-            "tensor is built from several checkpoint tensors):\n"
-            + format_problems(names)
-            + "\nPass offload_folder=... (offload_dir=... to bigload.load; written once, "
-            "fingerprinted, reused by later loads)."
-        )
-    specs = [(j.tensor.fqn, j.dtype, j.tensor.shape) for j in convert]
-    value = fingerprint(type(model).__name__, specs, source_identity(index.files))
-    path = Path(folder).resolve()
-    # checked now, before any tensor moves: a folder of other weights is refused up front
-    return OffloadTarget(path, value, open_offload_folder(path, value))
+        return {}
+    if options.offload_folder is None:
+        raise _needs_folder(convert, index)
+    source = file_identity(index.files)
+    items = [OffloadItem(j.tensor.fqn, j.dtype, j.tensor.shape, f"{source}#{j.key}",
+                         lambda j=j: reader.get(j.key).to(j.dtype)) for j in convert]
+    folder = Path(options.offload_folder).resolve()
+    offload_reader, written = serve_from_folder(folder, type(model).__name__, items)
+    loaded.store.readers.append(offload_reader)
+    loaded.store.bytes_written += written
+    loaded.report.bytes_written += written
+    loaded.report.offload_folder = str(folder)
+    return {item.fqn: item for item in stored_views(offload_reader)}
 
 
-@dataclass(frozen=True)
-class OffloadTarget:
-    """The offload folder a load converts into: its fingerprint, and its reader if it already
-    holds exactly these tensors."""
+def _needs_folder(convert: list[Job], index: CheckpointIndex) -> OffloadError:
+    names = [f"{j.tensor.fqn!r} ({_dt(j.dtype)}, checkpoint has "
+             f"{_dt(index.entries[j.key].dtype)})" for j in convert]  # type: ignore[index]
+    return OffloadError(
+        f"{len(convert)} tensor(s) planned for disk must be converted before they can be "
+        "served from disk (the checkpoint is not safetensors, its dtype differs, or the "
+        "tensor is built from several checkpoint tensors):\n" + format_problems(names)
+        + "\nPass offload_folder=... (offload_dir=... to bigload.load; written once, "
+        "fingerprinted, reused by later loads)."
+    )
 
-    path: Path
-    fingerprint: str
-    existing: CheckpointReader | None
 
-
-def _load_disk(jobs, convert, reader, store, folder, index, result, bar) -> None:  # noqa: ANN001
-    converting = {id(j) for j in convert}
+def _place_disk(jobs, converted, reader, loaded, journal, bar) -> None:  # noqa: ANN001
     for job in jobs:
-        if job.key is None or job.placement != DISK or id(job) in converting:
+        if job.key is None or job.placement != DISK:
             continue
-        entry = index.entries[job.key]
-        view = reader.get(job.key).data
-        store.add(StoredTensor(job.tensor.fqn, view, "disk", reader.mmap_for(entry.file),
-                               entry.byte_range))
-        replace_tensor(job.tensor.slot, view)
-        _account(result, job, "disk", cast=False)
-        result.zero_copy += 1
-        bar.update(job.nbytes)
-    if convert and folder is not None:
-        _load_converted(convert, reader, store, folder, result, bar)
-
-
-def _load_converted(convert, reader, store, folder, result, bar) -> None:  # noqa: ANN001
-    path, value = folder.path, folder.fingerprint
-    by_name = {j.tensor.fqn: j for j in convert}
-    offload_reader = folder.existing
-    if offload_reader is None:
-        offload_reader, written = write_offload_folder(
-            path, [(n, j.dtype, j.tensor.shape) for n, j in by_name.items()],
-            lambda name: reader.get(by_name[name].key).to(by_name[name].dtype), value)
-        result.bytes_written += written
-    else:
-        logger.info("reusing offload folder %s (fingerprint matches)", path)
-    store.readers.append(offload_reader)
-    result.offload_folder = str(path)
-    for name, job in by_name.items():
-        entry = offload_reader.index.entries[name]
-        view = offload_reader.get(name).data
-        store.add(StoredTensor(name, view, "disk", offload_reader.mmap_for(entry.file),
-                               entry.byte_range))
-        replace_tensor(job.tensor.slot, view)
-        _account(result, job, "disk", cast=True, stored=reader.index.entries[job.key].dtype)
+        item = converted.get(job.tensor.fqn)
+        if item is None:  # zero-copy: a view of the checkpoint's own file
+            entry = reader.index.entries[job.key]
+            item = StoredTensor(job.tensor.fqn, reader.get(job.key).data, "disk",
+                                reader.mmap_for(entry.file), entry.byte_range)
+            loaded.report.zero_copy += 1
+        loaded.store.add(item)
+        journal.replace(job.tensor.slot, item.tensor)
+        stored = reader.index.entries[job.key].dtype
+        _account(loaded.report, job, DISK, stored=stored)
         bar.update(job.nbytes)
 
 
-def _load_direct(jobs, reader, store, main_device, result, bar) -> None:  # noqa: ANN001
+# --- devices and the CPU tier -------------------------------------------------------------------
+def _place_direct(jobs, reader, plan, loaded, journal, bar) -> None:  # noqa: ANN001
     direct = [j for j in jobs if j.key is not None and j.placement != DISK]
-    pin = main_device.type != "cpu"
+    pin = plan.main.type != "cpu"
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-load") as pool:
         for job, (new, stored_dtype, zero_copy) in zip(
             direct, pool.map(lambda j: _read_one(j, reader, pin), direct)
         ):
-            replace_tensor(job.tensor.slot, new)
-            where = placement_str(job.placement)
+            journal.replace(job.tensor.slot, new)
             if job.placement == torch.device("cpu") and pin:
-                store.add(StoredTensor(job.tensor.fqn, new, "cpu"))
-            _account(result, job, where, cast=stored_dtype != job.dtype, stored=stored_dtype)
-            result.zero_copy += int(zero_copy)
+                loaded.store.add(StoredTensor(job.tensor.fqn, new, "cpu"))
+            _account(loaded.report, job, placement_str(job.placement), stored=stored_dtype)
+            loaded.report.zero_copy += int(zero_copy)
             bar.update(job.nbytes)
 
 
@@ -367,41 +310,24 @@ def _read_one(
     value = reader.get(job.key)  # type: ignore[arg-type]
     stored = value.dtype
     entry = reader.index.entries[job.key]  # type: ignore[index]
+    mm = reader.mmap_for(entry.file) if entry.byte_range is not None else None
     target = job.placement
-    if target.type == "cpu" and stored == job.dtype and not pin and entry.byte_range is not None:
-        view = value.data
-        _advise(reader, entry, mmap.MADV_WILLNEED)  # starts cold reads; maps nothing yet
-        return view, stored, True
+    if target.type == "cpu" and stored == job.dtype and not pin and mm is not None:
+        advise(mm, entry.byte_range, mmap.MADV_WILLNEED)  # starts cold reads; maps nothing yet
+        return value.data, stored, True
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)
         new = new.pin_memory() if pin else new
     else:
         new = value.to(target, dtype=job.dtype, non_blocking=False)
-    _advise(reader, entry, mmap.MADV_DONTNEED)  # the source pages are not needed any more
+    advise(mm, entry.byte_range, mmap.MADV_DONTNEED)  # the source pages are not needed any more
     return new, stored, False
 
 
-def _advise(reader: CheckpointReader, entry: Any, *advice: int) -> None:
-    if entry.byte_range is None:
-        return
-    start, end = entry.byte_range
-    first = (start // mmap.PAGESIZE) * mmap.PAGESIZE
-    if end <= start:
-        return
-    mm = reader.mmap_for(entry.file)
-    for a in advice:
-        try:
-            mm.madvise(a, first, end - first)
-            return
-        except OSError:
-            continue
-
-
-def _account(result: LoadReport, job: Job, where: str, *, cast: bool,
-             stored: torch.dtype | None = None) -> None:
+def _account(result: LoadReport, job: Job, where: str, *, stored: torch.dtype) -> None:
     result.loaded.append(job.tensor.fqn)
     result.bytes_per_device[where] = result.bytes_per_device.get(where, 0) + job.nbytes
-    if cast and stored is not None and stored != job.dtype:
+    if stored != job.dtype:
         result.cast[job.tensor.fqn] = f"{_dt(stored)}->{_dt(job.dtype)}"
 
 
@@ -409,130 +335,151 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _initialize_missing(model, jobs, missing, init_fn, store, result) -> None:  # noqa: ANN001
+# --- missing tensors and non-persistent buffers -------------------------------------------------
+def _initialize_missing(model, jobs, options, loaded, journal) -> None:  # noqa: ANN001
     absent = [j for j in jobs if j.key is None]
-    if not absent:
-        return
     by_device: dict[str, list[Job]] = {}
     for job in absent:
         device = "cpu" if job.placement == DISK else placement_str(job.placement)
         by_device.setdefault(device, []).append(job)
     for device, group in by_device.items():
         metas = [j.tensor.slot for j in group if j.tensor.is_meta]
+        journal.save(j.tensor.slot for j in group)
         if metas:
-            _materialize_slots(model, metas, torch.device(device), missing, None, init_fn)
+            materialize_slots(model, metas, torch.device(device), options.missing, None,
+                              options.init_fn)
         for job in group:
-            current = job.tensor.slot.tensor
-            if current.device != torch.device(device) or current.dtype != job.dtype:
-                replace_tensor(job.tensor.slot, current.to(device, job.dtype))
-            if job.placement == DISK:  # in memory, served by the store's CPU tier
-                store.add(StoredTensor(job.tensor.fqn, job.tensor.slot.tensor, "cpu"))
-            if job.kept:
-                continue
-            how = _how_initialized(job, missing, init_fn)
-            result.initialized[job.tensor.fqn] = how
-            where = placement_str(job.placement)
-            result.bytes_per_device[where] = result.bytes_per_device.get(where, 0) + job.nbytes
+            _settle_missing(job, device, options, loaded, journal)
 
 
-def _how_initialized(job: Job, missing: Missing, init_fn: InitFn | None) -> str:
+def _settle_missing(job: Job, device: str, options: LoadOptions, loaded: Loaded,
+                    journal: _Journal) -> None:
+    current = job.tensor.slot.tensor
+    if current.device != torch.device(device) or current.dtype != job.dtype:
+        journal.replace(job.tensor.slot, current.to(device, job.dtype))
+    if job.placement == DISK:  # in memory, served by the store's CPU tier
+        loaded.store.add(StoredTensor(job.tensor.fqn, job.tensor.slot.tensor, "cpu"))
+    if job.kept:
+        return
+    loaded.report.initialized[job.tensor.fqn] = _how_initialized(job, options)
+    where = placement_str(job.placement)
+    loaded.report.bytes_per_device[where] = loaded.report.bytes_per_device.get(where, 0) + (
+        job.nbytes)
+
+
+def _how_initialized(job: Job, options: LoadOptions) -> str:
     if not job.tensor.is_meta:
         return "kept: the model's own value (the tensor was already real)"
-    if missing == "zeros":
+    if options.missing == "zeros":
         return "zeros"
-    if init_fn is not None:
-        return f"init: {getattr(init_fn, '__qualname__', 'init_fn')}"
+    if options.init_fn is not None:
+        return f"init: {getattr(options.init_fn, '__qualname__', 'init_fn')}"
     return f"init: {type(job.tensor.slot.owner).__name__}.reset_parameters()"
 
 
-def _place_nonpersistent(slots, dmap, main_device) -> None:  # noqa: ANN001
+def _place_nonpersistent(slots: list[TensorSlot], plan: DevicePlan, journal: _Journal) -> None:
+    """Non-persistent buffers run with their unit: on its device, else on the main device."""
     for slot in slots:
-        placement = placement_of(dmap, slot.fqn) if dmap else slot.tensor.device
-        device = main_device if placement in (None, DISK) else placement
-        if device.type != "meta" and slot.tensor.device != device:
-            replace_tensor(slot, slot.tensor.to(device))
+        device = plan.memory_device(slot.fqn)
+        if slot.tensor.device.type != "meta" and slot.tensor.device != device:
+            journal.replace(slot, slot.tensor.to(device))
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-class _progress:  # noqa: N801 - a context manager used like a function
-    def __init__(self, enabled: bool | None, jobs: list[Job]):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total = sum(j.nbytes for j in jobs)
-        self.bar: Any = _NoBar()
-
-    def __enter__(self) -> Any:
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="loading", leave=False)
-        return self.bar
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.close()
-
-
-AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def load_checkpoint_and_dispatch(
+# --- a model already in memory ------------------------------------------------------------------
+def place_weights(
     model: nn.Module,
-    checkpoint: str | os.PathLike | CheckpointIndex,
-    device_map: Any = None,
-    max_memory: Mapping[Any, int | str] | None = None,
-    no_split_module_classes: Sequence[str] | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    offload_buffers: bool = False,
-    dtype: torch.dtype | str | None = None,
-    offload_state_dict: bool | None = None,
-    skip_keys: str | Sequence[str] | None = None,
-    preload_module_classes: Sequence[str] | None = None,
-    force_hooks: bool = False,
-    strict: bool = False,
+    plan: DevicePlan,
     *,
-    keep_in_fp32_modules: Sequence[str] | None = None,
-    missing: Missing | None = None,
-    unexpected: Unexpected | None = None,
-    key_map: Mapping[str, str] | None = None,
-    progress: bool | None = None,
-    init_fn: InitFn | None = None,
-    prefetch: int | None = None,
-) -> nn.Module:
-    """Plan (for ``device_map="auto"|"balanced"|"balanced_low_0"|"sequential"``), load and
-    dispatch, with accelerate's argument names. Returns ``model``; its ``bigload_plan`` and
-    ``bigload_report`` attributes hold the plan and the LoadReport.
+    store: OffloadStore | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> OffloadStore:
+    """Place a model whose tensors are in memory (or in ``store``) where ``plan`` says: moved to
+    their devices, disk-placed ones written once to ``offload_folder`` and served from it.
+    Meta tensors not served by ``store`` are an error listing all of them, before anything
+    moves. Returns the store dispatch pages from."""
+    store = store if store is not None else OffloadStore()
+    check_covers(model, {u.name: u for u in plan.units})
+    refuse_meta(model, plan, store)
+    slots = unique_slots(model)
+    with _Journal() as journal:
+        _offload_in_memory(model, slots, plan, store, offload_folder, journal)
+        for slot in slots:
+            device = plan.memory_device(slot.fqn)
+            if slot.fqn not in store.items and slot.tensor.device != device:
+                journal.replace(slot, slot.tensor.to(device))
+    return store
 
-    ``strict=True`` is ``missing="error", unexpected="error"``; otherwise missing tensors raise
-    (``missing="error"``) unless a policy is given, and unexpected ones are logged.
-    """
-    from .dispatch import dispatch_model, prefetch_depth
-    from .plan import plan_devices
 
-    del offload_state_dict  # accelerate's memory saver; bigload streams tensor by tensor anyway
-    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else read_index(checkpoint)
-    plan = None
-    if isinstance(device_map, str) and device_map in AUTO_STRATEGIES:
-        plan = plan_devices(model, max_memory=max_memory, strategy=device_map,  # type: ignore[arg-type]
-                            no_split_module_classes=no_split_module_classes, dtype=dtype,
-                            offload_buffers=offload_buffers,
-                            keep_in_fp32_modules=keep_in_fp32_modules,
-                            prefetch=prefetch_depth(prefetch))
-        device_map = plan.device_map
-    report = load_checkpoint_in_model(
-        model, index, device_map, dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules,
-        missing=missing or "error", unexpected=unexpected or ("error" if strict else "warn"),
-        key_map=key_map, offload_folder=offload_folder, progress=progress, init_fn=init_fn,
-    )
-    if device_map is not None:
-        dispatch_model(model, plan or device_map, offload_dir=offload_folder,
-                       offload_buffers=offload_buffers, skip_keys=skip_keys,
-                       preload_module_classes=preload_module_classes, prefetch=prefetch,
-                       force_hooks=force_hooks)
-    object.__setattr__(model, "bigload_plan", plan)
-    object.__setattr__(model, "bigload_report", report)
-    return model
+def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None:
+    """A MetaTensorError listing every tensor of ``model`` still on meta and not served by
+    ``store``: nothing runs on uninitialised memory."""
+    slots = [s for s in unique_slots(model)
+             if s.tensor.device.type == "meta" and s.fqn not in store.items]
+    nonpersistent = [s for s in slots if not s.persistent]
+    if nonpersistent:  # no checkpoint can fill them: the skeleton was built wrongly
+        raise meta_problems(nonpersistent, "error", None, plan.main)  # type: ignore[misc]
+    metas = [f"{s.fqn!r} planned for {_planned(plan, s.fqn)}" for s in slots]
+    if metas:
+        raise MetaTensorError(
+            f"{len(metas)} tensor(s) of {type(model).__name__} are on 'meta' (no data), so they "
+            "cannot be dispatched:\n" + format_problems(metas)
+            + "\nLoad them first (bigload.load_checkpoint_and_dispatch does both) or "
+            "bigload.materialize(model, device, missing='init')."
+        )
+
+
+def _planned(plan: DevicePlan, fqn: str) -> str:
+    unit = plan.unit_of(fqn)
+    return placement_str(plan.placement_of(fqn)) if unit is not None else "the main device"
+
+
+def _offload_in_memory(model, slots, plan, store, offload_folder, journal) -> None:  # noqa: ANN001
+    """Disk-placed tensors held in memory are written once to the offload folder and replaced
+    by views of it (a tensor initialised in memory for a disk unit stays in the CPU tier)."""
+    todo = [s for s in slots if s.persistent and s.fqn not in store.items
+            and plan.unit_of(s.fqn) is not None and plan.placement_of(s.fqn) == DISK]
+    if not todo:
+        return
+    if offload_folder is None:
+        raise OffloadError(
+            f"{len(todo)} tensor(s) are placed on disk but held in memory, e.g. {todo[0].fqn!r}; "
+            "pass offload_dir=... to write them there once (or load them with "
+            "bigload.load_checkpoint_and_dispatch, which serves safetensors files directly)"
+        )
+    items = [OffloadItem(s.fqn, s.tensor.dtype, tuple(s.tensor.shape),
+                         f"memory:{value_digest(s.tensor)}", lambda s=s: s.tensor) for s in todo]
+    reader, written = serve_from_folder(Path(offload_folder).resolve(),
+                                        type(model).__name__, items)
+    store.readers.append(reader)
+    store.bytes_written += written
+    by_fqn = {s.fqn: s for s in todo}
+    for item in stored_views(reader):
+        store.add(item)
+        journal.replace(by_fqn[item.fqn], item.tensor)
+
+
+# --- all or nothing -----------------------------------------------------------------------------
+class _Journal:
+    """Records what each replaced slot held; on an exception every slot gets it back, so a
+    failed load leaves the model as it was (meta tensors stay meta)."""
+
+    def __init__(self) -> None:
+        self._saved: dict[tuple[int, str, bool], tuple[TensorSlot, torch.Tensor]] = {}
+
+    def save(self, slots: Any) -> None:
+        for slot in slots:
+            key = (id(slot.owner), slot.leaf, slot.is_param)
+            self._saved.setdefault(key, (slot, slot.tensor.detach()))
+
+    def replace(self, slot: TensorSlot, new: torch.Tensor) -> None:
+        self.save([slot])
+        replace_tensor(slot, new)
+
+    def __enter__(self) -> _Journal:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            return
+        for slot, old in reversed(list(self._saved.values())):
+            replace_tensor(slot, old, swap=True)

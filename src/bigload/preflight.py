@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointIndex, read_index
-from .devicemap import placement_of
-from .devices import Placement, placement_str
+from .devices import placement_str
 from .errors import CheckpointMismatchError, MissingWeightsError, SkeletonError, format_problems
 from .keys import apply_key_map, match_keys, prefix_hint
-from .tensors import TensorSlot, iter_slots
+from .plan import DevicePlan
+from .slots import TensorSlot, iter_slots, tensor_groups
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,10 @@ class ModelTensor:
 
 def model_tensors(model: nn.Module) -> tuple[list[ModelTensor], list[TensorSlot]]:
     """Persistent tensors grouped by identity (ties), and the non-persistent buffer slots."""
-    groups: dict[int, list[TensorSlot]] = {}
-    nonpersistent: list[TensorSlot] = []
-    for slot in iter_slots(model):
-        if not slot.persistent:
-            nonpersistent.append(slot)
-            continue
-        groups.setdefault(id(slot.tensor), []).append(slot)
+    slots_ = list(iter_slots(model))
+    nonpersistent = [s for s in slots_ if not s.persistent]
     tensors = []
-    for slots in groups.values():
+    for slots in tensor_groups(s for s in slots_ if s.persistent):
         t = slots[0].tensor
         names = tuple(s.fqn for s in slots)
         is_meta = t.device.type == "meta"
@@ -127,22 +122,49 @@ class VerifyReport:
             lines.append("problems:\n" + format_problems(body))
         return "\n".join(lines)
 
-    def problem_lines(self, *, unexpected: Unexpected = "error") -> list[str]:
-        out = [f"{n!r:45} missing from the checkpoint  shape={self.shapes.get(n, '?')}"
-               f"{self._where(n)}" for n in self.missing]
-        out += [f"{n!r:45} shape {a} in the model, {b} in the checkpoint{self._where(n)}"
+    @property
+    def problems(self) -> list[Problem]:
+        """Every problem, as data: missing, shape, dtype, meta_nonpersistent, unexpected."""
+        out = [Problem("missing", n, f"shape={self.shapes.get(n, '?')}", "",
+                       self.planned.get(n)) for n in self.missing]
+        out += [Problem("shape", n, str(a), str(b), self.planned.get(n))
                 for n, a, b in self.shape_mismatches]
-        out += [f"{n!r:45} dtype {a} in the model, {b} in the checkpoint (not a float cast)"
-                for n, a, b in self.dtype_mismatches]
-        out += [f"{n!r:45} non-persistent buffer on meta (no checkpoint can fill it)"
-                for n in self.meta_nonpersistent]
-        if unexpected != "ignore":
-            out += [f"{n!r:45} in the checkpoint, not in the model" for n in self.unexpected]
+        out += [Problem("dtype", n, a, b) for n, a, b in self.dtype_mismatches]
+        out += [Problem("meta_nonpersistent", n) for n in self.meta_nonpersistent]
+        out += [Problem("unexpected", n) for n in self.unexpected]
         return out
 
-    def _where(self, fqn: str) -> str:
-        planned = self.planned.get(fqn)
-        return f"  planned for {planned}" if planned else ""
+    def problem_lines(self, *, unexpected: Unexpected = "error") -> list[str]:
+        return [str(p) for p in self.problems if p.kind != "unexpected" or unexpected != "ignore"]
+
+
+ProblemKind = Literal["missing", "shape", "dtype", "meta_nonpersistent", "unexpected"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One disagreement between a model and a checkpoint: its kind, the model fqn (the
+    checkpoint key for ``unexpected``), the model's side and the checkpoint's, and where the
+    tensor was planned."""
+
+    kind: ProblemKind
+    name: str
+    model: str = ""
+    checkpoint: str = ""
+    planned: str | None = None
+
+    def __str__(self) -> str:
+        where = f"  planned for {self.planned}" if self.planned else ""
+        text = {
+            "missing": f"missing from the checkpoint  {self.model}{where}",
+            "shape": f"shape {self.model} in the model, {self.checkpoint} in the checkpoint"
+                     f"{where}",
+            "dtype": f"dtype {self.model} in the model, {self.checkpoint} in the checkpoint "
+                     "(not a float cast)",
+            "meta_nonpersistent": "non-persistent buffer on meta (no checkpoint can fill it)",
+            "unexpected": "in the checkpoint, not in the model",
+        }[self.kind]
+        return f"{self.name!r:45} {text}"
 
 
 def verify(
@@ -150,7 +172,7 @@ def verify(
     checkpoint: str | os.PathLike | CheckpointIndex,
     *,
     key_map: Mapping[str, str] | None = None,
-    device_map: Mapping[str, Placement] | None = None,
+    plan: DevicePlan | None = None,
 ) -> VerifyReport:
     """Compare ``model`` with ``checkpoint`` (headers only): missing, unexpected, mismatched,
     tied. Reads no tensor data and changes nothing."""
@@ -194,7 +216,7 @@ def verify(
         tied=tuple(t.names for t in tensors if len(t.names) > 1),
         meta_nonpersistent=tuple(s.fqn for s in nonpersistent if s.tensor.device.type == "meta"),
         prefix_change=match.prefix_change,
-        planned=_planned(tensors, device_map), shapes={t.fqn: t.shape for t in tensors},
+        planned=_planned(tensors, plan), shapes={t.fqn: t.shape for t in tensors},
         tie_hints=_tie_candidates(tensors, set(missing), key_for),
         tie_conflicts=tuple(conflicts),
     )
@@ -217,14 +239,14 @@ def _matches_nonpersistent(key: str, names: set[str]) -> bool:
     return any(key.endswith("." + n) or n.endswith("." + key) for n in names)
 
 
-def _planned(tensors: list[ModelTensor], device_map: Mapping[str, Placement] | None) -> dict:
-    if not device_map:
+def _planned(tensors: list[ModelTensor], plan: DevicePlan | None) -> dict[str, str]:
+    if plan is None:
         return {}
     out = {}
     for t in tensors:
-        placement = placement_of(device_map, t.fqn)
-        if placement is not None:
-            out[t.fqn] = placement_str(placement)
+        unit = plan.unit_of(t.fqn)
+        if unit is not None:
+            out[t.fqn] = placement_str(plan.placement_of(t.fqn))
     return out
 
 
@@ -254,17 +276,18 @@ def raise_for_problems(
     if unexpected == "warn" and report.unexpected:
         logger.warning("%d checkpoint tensor(s) are not used by %s: %s", len(report.unexpected),
                        report.model_class, ", ".join(report.unexpected[:10]))
-    blocking = report.problem_lines(unexpected=unexpected if unexpected == "error" else "ignore")
-    if missing != "error":
-        blocking = [line for line in blocking if "missing from the checkpoint" not in line]
+    blocking = [p for p in report.problems
+                if (p.kind != "unexpected" or unexpected == "error")
+                and (p.kind != "missing" or missing == "error")]
     if not blocking:
         return
-    only_missing = missing == "error" and len(blocking) == len(report.missing)
+    only_missing = all(p.kind == "missing" for p in blocking)
     cls = MissingWeightsError if only_missing else CheckpointMismatchError
     raise cls(
         f"{len(blocking)} problem(s) between {report.model_class} and checkpoint "
         f"{report.checkpoint!r} ({n_ckpt_files} file(s), {report.n_checkpoint_tensors} tensors):\n"
-        + format_problems(blocking) + "\nNothing was loaded." + _advice(report, missing),
+        + format_problems([str(p) for p in blocking]) + "\nNothing was loaded."
+        + _advice(report, missing),
         problems=blocking,
     )
 

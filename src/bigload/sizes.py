@@ -16,6 +16,7 @@ from torch import nn
 
 from .devices import parse_dtype
 from .errors import SizeError
+from .slots import iter_slots, tensor_groups
 
 TensorKind = Literal["parameter", "buffer"]
 DtypeLike = torch.dtype | str
@@ -71,14 +72,8 @@ def target_dtype(
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, TensorKind]]:
     """Every (fqn, tensor, kind) of ``model``, module by module, aliases included."""
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, param in module._parameters.items():
-            if param is not None:
-                yield dot + name, param, "parameter"
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                yield dot + name, buffer, "buffer"
+    for slot in iter_slots(model):
+        yield slot.fqn, slot.tensor, slot.kind  # type: ignore[misc]
 
 
 def in_modules(fqn: str, modules: Iterable[str]) -> bool:
@@ -103,11 +98,9 @@ def tensor_sizes(
     dtype = to_dtype(dtype)
     special = {k: to_dtype(v) for k, v in (special_dtypes or {}).items()}
     keep = tuple(keep_in_fp32_modules or ())
-    by_id: dict[int, tuple[list[str], torch.Tensor, TensorKind]] = {}
-    for fqn, tensor, kind in named_tensors(model):
-        by_id.setdefault(id(tensor), ([], tensor, kind))[0].append(fqn)
     result = []
-    for fqns, tensor, kind in by_id.values():
+    for group in tensor_groups(iter_slots(model)):
+        fqns, tensor, kind = [s.fqn for s in group], group[0].tensor, group[0].kind
         size = _override(fqns, overrides)
         if size is None:
             to = special.get(fqns[0]) or target_dtype(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,10 +21,10 @@ from .errors import (
     NoInitError,
     ShapeMismatchError,
     SkeletonError,
-    UnknownTensorError,
     format_problems,
 )
 from .skeleton import rebuild_parameter
+from .slots import TensorSlot, find_slot, unique_slots
 
 logger = logging.getLogger(__name__)
 
@@ -34,57 +33,7 @@ MISSING_POLICIES: tuple[str, ...] = ("error", "init", "zeros")
 InitFn = Callable[[nn.Module], None]
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where a tensor lives: ``owner._parameters[leaf]`` or ``owner._buffers[leaf]``."""
-
-    fqn: str
-    owner: nn.Module
-    leaf: str
-    is_param: bool
-    persistent: bool
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        table = self.owner._parameters if self.is_param else self.owner._buffers
-        return table[self.leaf]
-
-
-def iter_slots(model: nn.Module) -> Iterator[TensorSlot]:
-    """Every parameter and buffer slot, tied aliases included, in registration order."""
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for leaf, param in module._parameters.items():
-            if param is not None:
-                yield TensorSlot(dot + leaf, module, leaf, True, True)
-        for leaf, buf in module._buffers.items():
-            if buf is not None:
-                persistent = leaf not in module._non_persistent_buffers_set
-                yield TensorSlot(dot + leaf, module, leaf, False, persistent)
-
-
-def find_slot(model: nn.Module, tensor_name: str) -> TensorSlot:
-    """The slot of ``tensor_name`` ('encoder.0.weight'); a clear error when there is none."""
-    module_path, _, leaf = tensor_name.rpartition(".")
-    try:
-        owner = model.get_submodule(module_path) if module_path else model
-    except AttributeError as err:
-        raise UnknownTensorError(
-            f"{type(model).__name__} has no submodule {module_path!r} (for tensor {tensor_name!r})"
-        ) from err
-    if owner._parameters.get(leaf) is not None:
-        return TensorSlot(tensor_name, owner, leaf, True, True)
-    if owner._buffers.get(leaf) is not None:
-        persistent = leaf not in owner._non_persistent_buffers_set
-        return TensorSlot(tensor_name, owner, leaf, False, persistent)
-    known = [*owner._parameters, *owner._buffers]
-    raise UnknownTensorError(
-        f"{type(owner).__name__} at {module_path or '<root>'!r} has no parameter or buffer "
-        f"{leaf!r} (for tensor {tensor_name!r}); it has: {', '.join(known) or 'none'}"
-    )
-
-
-def _parse_target(device: DeviceLike) -> torch.device:
+def parse_target(device: DeviceLike) -> torch.device:
     if isinstance(device, str) and device.strip().lower() == DISK:
         raise DeviceError(
             "'disk' is a placement for a whole model, not one tensor: use "
@@ -122,8 +71,8 @@ def set_module_tensor_to_device(
     ``"error"`` raises :class:`MetaTensorError`, ``"init"`` runs the owning module's own
     initialisation on the target device, ``"zeros"`` fills zeros. Never uninitialised memory.
     """
-    _check_policy(missing)
-    target = _parse_target(device)
+    check_policy(missing)
+    target = parse_target(device)
     slot = find_slot(module, tensor_name)
     old = slot.tensor
     if value is not None:
@@ -136,7 +85,7 @@ def set_module_tensor_to_device(
             raise MetaTensorError(f"{tensor_name!r}: the value given is itself on 'meta'")
         replace_tensor(slot, cast_like(value, old, dtype).to(target), root=module)
     elif old.device.type == "meta" and target.type != "meta":
-        _materialize_slots(module, [slot], target, missing, dtype, init_fn)
+        materialize_slots(module, [slot], target, missing, dtype, init_fn)
     else:
         new = old.to(target, dtype=dtype) if dtype is not None and old.is_floating_point() else (
             old.to(target)
@@ -149,19 +98,27 @@ def replace_tensor(
     new: torch.Tensor,
     *,
     root: nn.Module | None = None,
+    swap: bool | None = None,
 ) -> None:
     """Make ``slot`` hold ``new``'s data, keeping the parameter's identity (and so its ties).
 
     ``root`` is the model the slot belongs to: when the tensor cannot keep its identity, every
     alias under ``root`` (default: the owning module) is pointed at the new tensor instead.
-    ``new`` is always detached, so the slot never holds the caller's own tensor object or an
-    autograd history.
+    Emptying a real tensor (``new`` on meta) gives the slot a new object unless ``swap=True``,
+    so that other references to the old tensor keep its data. ``new`` is always detached, so
+    the slot never holds the caller's own tensor object or an autograd history.
     """
     old = slot.tensor
     if new is old:
         return
     new = new.detach()
     replacement = rebuild_parameter(old, new) if slot.is_param else new
+    emptying = new.device.type == "meta" and old.device.type != "meta"
+    if swap is False or (swap is None and emptying):
+        # emptying a slot must not empty other references to the old tensor (a stash of
+        # `lin.weight`): the slot and its aliases get a new object instead of a swap
+        _replace_aliases(slot, old, replacement, root or slot.owner)
+        return
     try:
         torch.utils.swap_tensors(old, replacement)
     except RuntimeError:
@@ -181,7 +138,7 @@ def _replace_aliases(
                 table[key] = new
 
 
-def _check_policy(missing: str) -> None:
+def check_policy(missing: str) -> None:
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing={missing!r}: use one of {', '.join(MISSING_POLICIES)}")
 
@@ -195,7 +152,7 @@ def default_init_fn(module: nn.Module) -> InitFn | None:
     return None
 
 
-def _materialize_slots(
+def materialize_slots(
     root: nn.Module,
     slots: list[TensorSlot],
     target: torch.device,
@@ -204,7 +161,7 @@ def _materialize_slots(
     init_fn: InitFn | None,
 ) -> None:
     """Give real data to meta ``slots`` under the policy; errors before anything changes."""
-    problems = _meta_problems(slots, missing, init_fn, target)
+    problems = meta_problems(slots, missing, init_fn, target)
     if problems:
         raise problems
     if missing == "zeros":
@@ -224,7 +181,7 @@ def _dtype_for(old: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and old.is_floating_point() else old.dtype
 
 
-def _meta_problems(
+def meta_problems(
     slots: list[TensorSlot], missing: str, init_fn: InitFn | None, target: torch.device
 ) -> BaseException | None:
     nonpersistent = [s for s in slots if not s.is_param and not s.persistent]
@@ -356,20 +313,15 @@ def materialize(
     Real tensors move; meta tensors follow ``missing``. Every problem is collected and raised
     once, before anything is changed. Ties stay ties. Returns ``model``.
     """
-    _check_policy(missing)
-    target = _parse_target(device)
-    seen: set[int] = set()
+    check_policy(missing)
+    target = parse_target(device)
     metas: list[TensorSlot] = []
     reals: list[TensorSlot] = []
-    for slot in iter_slots(model):
-        tensor = slot.tensor
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        is_meta = tensor.device.type == "meta" and target.type != "meta"
+    for slot in unique_slots(model):
+        is_meta = slot.tensor.device.type == "meta" and target.type != "meta"
         (metas if is_meta else reals).append(slot)
     if metas:
-        problems = _meta_problems(metas, missing, init_fn, target)
+        problems = meta_problems(metas, missing, init_fn, target)
         if problems:
             raise problems
     for slot in reals:
@@ -377,5 +329,5 @@ def materialize(
         new = old.to(target, dtype=_dtype_for(old, dtype))
         replace_tensor(slot, new, root=model)
     if metas:
-        _materialize_slots(model, metas, target, missing, dtype, init_fn)
+        materialize_slots(model, metas, target, missing, dtype, init_fn)
     return model

@@ -69,6 +69,15 @@ def add_planning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-split", nargs="*", metavar="CLASS", default=None,
                         help="module classes kept whole on one device (default: the model's "
                              "_no_split_modules); give the flag alone to split freely")
+    parser.add_argument("--prefetch", type=_count, default=None, metavar="N",
+                        help="offloaded units fetched ahead of the one running (default: 1 on "
+                             "an accelerator, 0 on the CPU); the plan keeps room for them")
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

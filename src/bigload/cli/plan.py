@@ -41,7 +41,7 @@ def execute(args: argparse.Namespace) -> int:
         args.path, dtype=args.dtype, model_class=args.model_class)
     dtype = hf.model_dtype(config, index, args.dtype)
     plan = hf.plan_model(model, dtype=dtype, max_memory=args.max_memory, strategy=args.strategy,
-                         no_split_module_classes=args.no_split)
+                         no_split_module_classes=args.no_split, prefetch=args.prefetch)
     if args.json:
         print(plan.to_json(indent=2))
         return 0

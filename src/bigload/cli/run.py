@@ -98,7 +98,8 @@ def execute(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         model = hf.load(folder, device_map=args.strategy, max_memory=args.max_memory,
                         dtype=args.dtype, offload_dir=offload_dir, missing=args.missing,
-                        model_class=args.model_class, no_split_module_classes=args.no_split)
+                        model_class=args.model_class, no_split_module_classes=args.no_split,
+                        prefetch=args.prefetch)
         seconds = time.perf_counter() - start
         result = run_model(model, kind, tokenizer, args)
     out = {"model": str(folder), "kind": kind, "model_class": model.bigload_report.model_class,

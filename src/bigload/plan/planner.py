@@ -1,0 +1,120 @@
+"""``plan_devices``: sizes + budgets + rules (no-split units, ties, reserve, prefetch) → a frozen
+``DevicePlan``. Disk is the last resort unless ``max_memory`` says ``"disk": 0``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from torch import nn
+
+from ..devices import DeviceLike, format_size
+from ..errors import DeviceMapError
+from ..sizes import DtypeLike, sizes_from_index
+from ..sizes import tensor_sizes as measure_tensors
+from ..ties import tie_groups
+from .budgets import Budgets, balanced_targets, headroom, read_budgets
+from .solve import Placed, ReserveRule, is_offload, solve
+from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
+from .types import main_device_for as choose_main
+from .units import UnitSpec, class_names, no_split_rule, plan_units
+
+Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+
+
+def plan_devices(
+    model: nn.Module,
+    *,
+    max_memory: Mapping[DeviceLike, int | float | str] | None = None,
+    strategy: Strategy = "auto",
+    no_split_module_classes: Iterable[str | type] | str | type | None = None,
+    dtype: DtypeLike | None = None,
+    offload_buffers: bool = False,
+    headroom_bytes: int | str | None = None,
+    keep_in_fp32_modules: Iterable[str] | None = None,
+    tensor_sizes: Mapping[str, int] | None = None,
+    index: Any = None,
+    prefetch: int | None = None,
+    preload_module_classes: Iterable[str | type] | None = None,
+) -> DevicePlan:
+    """Decide the placement of every parameter and buffer of ``model`` (a meta model is fine).
+
+    Budgets: ``max_memory`` keys ``0``, ``"cuda:0"``, ``torch.device``, ``"cpu"``, ``"mps"``,
+    ``"xpu"``, ``"disk"``; values bytes or ``"10GiB"``/``"500MB"``. Only the devices named are
+    used, and disk is always allowed, unbounded, as the last resort (as accelerate), unless
+    ``"disk": 0`` forbids it; a positive disk value is enforced. ``None``: the free memory of
+    each accelerator, ``CPU_FRACTION`` of available RAM, unbounded disk.
+
+    Strategies: ``"auto"`` = ``"balanced"`` (accelerators share the model, as accelerate's
+    get_balanced_memory), ``"balanced_low_0"`` (GPU 0 light), ``"sequential"`` (fill in order).
+    Tiers are filled in execution order: accelerators → CPU → disk, never going back.
+
+    Units: ``no_split_module_classes`` (names or classes; else ``model._no_split_modules``; else
+    the repeated children of the largest ModuleList/Sequential) stay whole, and so do modules of
+    ``preload_module_classes`` (their forward reads their children's weights); other modules
+    split down to leaves, a split module's own tensors being units. ``[]`` splits freely.
+    Ties: a shared tensor is counted in the first unit holding it; a later holder joins that
+    unit's device when it fits there, else it uses the tensor where the first unit keeps it.
+
+    Reserve: when anything is offloaded (CPU while accelerators exist, or disk), the main
+    execution device (first accelerator, else CPU) keeps room for the offloaded units that are
+    resident at once — the one running and ``prefetch`` fetched ahead (``None``: one on an
+    accelerator, none on the CPU) — plus ``headroom_bytes`` for activations (default: 0 on
+    CPU, ``HEADROOM_FRACTION`` of its budget on an accelerator) and, unless
+    ``offload_buffers``, the buffers of offloaded units. The plan carries ``prefetch``.
+    Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
+    ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
+    """
+    if strategy not in STRATEGIES:
+        raise DeviceMapError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    budgets = read_budgets(max_memory)
+    overrides = {
+        **(sizes_from_index(index, dtype) if index is not None else {}),
+        **(tensor_sizes or {}),
+    }
+    entries = measure_tensors(
+        model, dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules, overrides=overrides
+    )
+    rule, notes = no_split_rule(model, no_split_module_classes, entries)
+    if preload_module_classes:
+        rule = type(rule)(rule.classes | class_names(preload_module_classes,
+                                                     "preload_module_classes"),
+                          rule.fqns, rule.container)
+    units = plan_units(model, entries, rule)
+    main = choose_main(budgets.accelerators())
+    room = headroom(headroom_bytes, budgets, main)
+    depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
+    largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
+    targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
+    placed, reserve = solve(units, budgets, targets, main,
+                            ReserveRule(room, offload_buffers, 1 + depth))
+    notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
+    return DevicePlan(
+        units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
+        reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
+        prefetch=depth, tie_groups=tuple(tie_groups(model)),
+        tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
+        budget_sources=dict(budgets.sources), notes=notes,
+    )
+
+
+def resident_buffers(units: list[UnitSpec], placed: Placed, main: str) -> dict[str, str]:
+    """The buffers of offloaded units, kept on the main device (their reserve counts them)."""
+    return {fqn: main for u, (p, _) in zip(units, placed) if is_offload(p, main)
+            for fqn in u.buffers}
+
+
+def _bounded(budgets: Budgets) -> dict[str, int]:
+    return {p: b for p, b in budgets.limits.items() if b is not None}
+
+
+def _planned(units: list[UnitSpec], placed: Placed, main: str) -> tuple[PlannedUnit, ...]:
+    planned = tuple(
+        PlannedUnit(u.name, p, u.size_bytes, f"{u.why}; {where}", u.whole, u.tied_to)
+        for u, (p, where) in zip(units, placed)
+    )
+    # one unit for a model that runs where it lives; offloaded units stay apart (paged one by one)
+    if len({u.placement for u in planned}) == 1 and not is_offload(planned[0].placement, main):
+        total = sum(u.size_bytes for u in planned)
+        return (PlannedUnit("", planned[0].placement, total, f"whole model; {placed[0][1]}"),)
+    return planned

@@ -1,0 +1,210 @@
+"""The device plan: where every unit of a model lives and where it runs. It is the one object the
+stages hand each other (load, dispatch); frozen, printable, and round-trips through JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from ..devicemap import covering_entry
+from ..devices import DISK, Placement, is_accelerator, parse_placement
+from ..errors import DeviceMapError
+
+JSON_FORMAT = "bigload.DevicePlan/2"
+STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+FROM_MAP = "device_map"  # the strategy of a plan made from a user's own device map
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    """A module or tensor placed as one piece; ``name`` is its fqn (``""`` = the whole model).
+
+    ``placement`` is canonical text (``"cuda:0"``, ``"cpu"``, ``"disk"``); ``whole`` says a
+    no-split rule kept it whole; ``tied_to`` names the unit that holds a tensor it shares;
+    ``hook_at`` names an enclosing module whose forward reads the unit's weights directly
+    (``preload_module_classes``): the unit pages in around that module's forward.
+    """
+
+    name: str
+    placement: str
+    size_bytes: int
+    reason: str
+    whole: bool = False
+    tied_to: str | None = None
+    hook_at: str | None = None  # the module whose forward pages it in, when not its own
+
+    @property
+    def target(self) -> Placement:
+        """The placement, parsed: a ``torch.device`` or ``"disk"``."""
+        return parse_placement(self.placement, check_available=False)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where every unit goes, in execution order, and what the later stages need to run it.
+
+    ``main_device`` runs every offloaded unit (CPU- or disk-placed while it is not the CPU
+    itself, or disk-placed). ``reserve_bytes`` is the room kept free there for them;
+    ``prefetch`` is how many offloaded units are fetched ahead of the one that runs (the
+    reserve holds ``1 + prefetch`` of them). ``budgets`` has no ``"disk"`` key when disk is
+    unbounded; ``budget_sources`` says where each budget came from. ``tie_groups`` lists the
+    fqns that share one tensor: the tensor lives where its first member's unit is placed.
+    ``tensor_placements`` places single tensors apart from their unit: the buffers of
+    offloaded units stay on the main device unless ``offload_buffers``.
+    """
+
+    units: tuple[PlannedUnit, ...]
+    budgets: Mapping[str, int]
+    main_device: str
+    reserve_bytes: int = 0
+    strategy: str = "auto"
+    offload_buffers: bool = False
+    prefetch: int = 0
+    tie_groups: tuple[tuple[str, ...], ...] = ()
+    tensor_placements: Mapping[str, str] = field(default_factory=dict)
+    budget_sources: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    # --- where things are ----------------------------------------------------------------------
+    @cached_property
+    def main(self) -> torch.device:
+        """``main_device`` parsed."""
+        return torch.device(self.main_device)
+
+    @cached_property
+    def _by_name(self) -> dict[str, PlannedUnit]:
+        return {u.name: u for u in self.units}
+
+    @cached_property
+    def _tie_leader(self) -> dict[str, str]:
+        return {fqn: group[0] for group in self.tie_groups for fqn in group[1:]}
+
+    def unit_of(self, fqn: str) -> PlannedUnit | None:
+        """The unit that holds ``fqn`` (a module or tensor fqn): the longest unit-name prefix."""
+        found = covering_entry(self._by_name, fqn)
+        return found[1] if found else None
+
+    def placement_of(self, fqn: str) -> Placement:
+        """Where tensor (or module) ``fqn`` lives; a tied alias lives with its group's first
+        member."""
+        if fqn in self.tensor_placements:
+            return parse_placement(self.tensor_placements[fqn], check_available=False)
+        unit = self.unit_of(self._tie_leader.get(fqn, fqn))
+        if unit is None:
+            raise DeviceMapError(
+                f"{fqn!r} is in no unit of this plan; was it planned for this model?"
+            )
+        return unit.target
+
+    def memory_device(self, fqn: str) -> torch.device:
+        """The device of a tensor that lives in memory (a non-persistent buffer, a tensor
+        initialised for a disk unit): its placement, or the main device when that is disk or
+        when no unit holds it."""
+        if fqn not in self.tensor_placements and self.unit_of(fqn) is None:
+            return self.main
+        placement = self.placement_of(fqn)
+        return self.main if placement == DISK else placement  # type: ignore[return-value]
+
+    def is_offloaded(self, unit: PlannedUnit) -> bool:
+        """Whether ``unit`` lives away from where it runs (disk, or CPU with an accelerator
+        as the main device)."""
+        return unit.placement == DISK or (unit.placement == "cpu" and self.main.type != "cpu")
+
+    def execution_device(self, unit: PlannedUnit) -> torch.device:
+        """Where ``unit`` runs: its own accelerator, else the main device."""
+        target = unit.target
+        return target if is_accelerator(target) else self.main  # type: ignore[return-value]
+
+    @property
+    def offloaded(self) -> tuple[PlannedUnit, ...]:
+        """Units that run on ``main_device`` but live on the CPU or on disk."""
+        return tuple(u for u in self.units if self.is_offloaded(u))
+
+    @property
+    def single_placement(self) -> Placement | None:
+        """The one placement of a plan that puts the whole model on one device and runs it
+        there (no hooks needed), else None."""
+        placements = {u.placement for u in self.units}
+        if len(placements) != 1 or self.offloaded:
+            return None
+        return self.units[0].target
+
+    @property
+    def device_map(self) -> dict[str, Placement]:
+        """accelerate-style map (fqn prefix → placement), merged where a module is on one
+        device."""
+        from .render import merge_prefixes
+
+        placed = {u.name: u.target for u in self.units}
+        placed.update((fqn, parse_placement(p, check_available=False))
+                      for fqn, p in self.tensor_placements.items())
+        return merge_prefixes(placed)
+
+    @property
+    def bytes_per_device(self) -> dict[str, int]:
+        """Planned bytes per placement, in tier order (devices that got nothing are left out)."""
+        totals: dict[str, int] = {}
+        for unit in sorted(self.units, key=lambda u: tier_key(u.placement)):
+            totals[unit.placement] = totals.get(unit.placement, 0) + unit.size_bytes
+        return totals
+
+    # --- text and JSON -------------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .render import render
+
+        return "\n".join(render(self))
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["units"] = [asdict(u) for u in self.units]
+        for name in ("budgets", "budget_sources", "tensor_placements"):
+            data[name] = dict(getattr(self, name))
+        return json.dumps({"format": JSON_FORMAT, **data}, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DevicePlan:
+        """The plan written by :meth:`to_json`; anything else is a DeviceMapError that names the
+        field at fault."""
+        from .plan_json import parse_plan_json
+
+        return cls(**parse_plan_json(text))
+
+
+def tier_key(placement: str) -> tuple[int, str, int]:
+    """Sort key of placements: accelerators (by type and index), then the CPU, then disk."""
+    if placement == DISK:
+        return (2, "", 0)
+    device = torch.device(placement)
+    if device.type == "cpu":
+        return (1, "", 0)
+    return (0, device.type, device.index or 0)
+
+
+def main_device_for(placements: Iterable[str], given: str | None = None) -> str:
+    """The one rule for the main (execution) device: ``given``, else the first accelerator
+    among ``placements`` (in tier order), else the CPU."""
+    if given is not None:
+        return given
+    accelerators = [p for p in placements if p not in ("cpu", DISK)]
+    return min(accelerators, key=tier_key) if accelerators else "cpu"
+
+
+ACCELERATOR_PREFETCH = 1
+
+
+def default_prefetch(main_device: str) -> int:
+    """Units fetched ahead by default: one on an accelerator (host-to-device copies overlap
+    compute), none on the CPU (measured slower on 2 cores: the fetching thread competes with
+    the compute threads and the running unit's own page faults, benchmarks/RESULTS.md)."""
+    return ACCELERATOR_PREFETCH if main_device != "cpu" else 0
+
+
+def check_prefetch(prefetch: Any) -> int:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise DeviceMapError(f"prefetch={prefetch!r}: give a number of units >= 0 (or None)")
+    return prefetch
