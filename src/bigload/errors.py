@@ -37,7 +37,7 @@ class SizeError(BigloadError, ValueError):
 
 
 # --- meta tensors and materialisation --------------------------------------------------------
-class MetaTensorError(BigloadError):
+class MetaTensorError(BigloadError, ValueError):
     """A tensor is on ``meta`` (holds no data) and no value or policy says what it should hold."""
 
 
@@ -75,7 +75,7 @@ class UnsafeCheckpointError(CheckpointError):
     ``torch.load(weights_only=True)`` refuses."""
 
 
-class CheckpointMismatchError(BigloadError):
+class CheckpointMismatchError(BigloadError, ValueError):
     """The model and the checkpoint disagree (missing, unexpected, mismatched tensors).
 
     ``problems`` holds every problem found; nothing was loaded when this is raised.
@@ -109,7 +109,7 @@ class OffloadedParameterError(BigloadError, RuntimeError):
     disk-tier weights, backward through offloaded weights)."""
 
 
-class DispatchError(BigloadError):
+class DispatchError(BigloadError, RuntimeError):
     """A model cannot be dispatched as asked (for example ``.to()`` on a dispatched model)."""
 
 

@@ -274,8 +274,9 @@ def raise_for_problems(
             + "\nBuild the model inside bigload.init_empty_weights(), which keeps them real."
         )
     if unexpected == "warn" and report.unexpected:
-        logger.warning("%d checkpoint tensor(s) are not used by %s: %s", len(report.unexpected),
-                       report.model_class, ", ".join(report.unexpected[:10]))
+        logger.warning("%d tensor(s) of checkpoint %r were not used when loading %s: %s",
+                       len(report.unexpected), report.checkpoint, report.model_class,
+                       ", ".join(report.unexpected[:10]))
     blocking = [p for p in report.problems
                 if (p.kind != "unexpected" or unexpected == "error")
                 and (p.kind != "missing" or missing == "error")]

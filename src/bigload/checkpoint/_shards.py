@@ -47,7 +47,9 @@ def _load(index_file: Path) -> dict:
 
 
 def _weight_map(index_file: Path, doc: dict) -> dict[str, str]:
-    weight_map = doc.get("weight_map")
+    # transformers writes {"metadata": ..., "weight_map": {...}}; accelerate also reads a bare
+    # {tensor: file} map
+    weight_map = doc.get("weight_map", doc if "metadata" not in doc else None)
     valid = isinstance(weight_map, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     )

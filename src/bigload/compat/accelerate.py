@@ -139,7 +139,7 @@ def get_balanced_memory(
     """accelerate's: a ``max_memory`` whose accelerators (all but the last) share the model."""
     budgets = read_budgets(get_max_memory(max_memory))
     entries = tensor_sizes(model, dtype=dtype, special_dtypes=special_dtypes)
-    rule, _notes = no_split_rule(model, no_split_module_classes, entries)
+    rule, _notes = no_split_rule(model, no_split_module_classes or [], entries)
     units = plan_units(model, entries, rule)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     strategy = "balanced_low_0" if low_zero else "balanced"
@@ -164,6 +164,7 @@ def infer_auto_device_map(
 ) -> dict[str, int | str]:
     """accelerate's: {fqn: int (accelerator index) | "mps" | "cpu" | "disk"}, filled in order.
 
+    As accelerate, modules split down to leaves unless ``no_split_module_classes`` names them.
     ``fallback_allocation`` is accepted: bigload's planner already places any unit that fits
     on a device, whatever comes before it."""
     del fallback_allocation
@@ -173,8 +174,8 @@ def infer_auto_device_map(
         overrides = {e.fqns[0]: e.size_bytes for e in entries}
     plan = plan_devices(
         model, max_memory=get_max_memory(max_memory), strategy="sequential",
-        no_split_module_classes=no_split_module_classes, dtype=dtype,
-        offload_buffers=offload_buffers, headroom_bytes=0, tensor_sizes=overrides,
+        no_split_module_classes=no_split_module_classes or [], dtype=dtype,
+        offload_buffers=offload_buffers, headroom_bytes=0, tensor_sizes=overrides, prefetch=0,
     )
     if verbose:
         logger.info("%s", plan)

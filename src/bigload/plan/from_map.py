@@ -88,8 +88,8 @@ def check_covers(
     problems = [f"{n!r} has no device" for n in uncovered]
     stray_lines = [f"{k!r} names no module or tensor of {type(model).__name__}" for k in strays]
     if unknown == "warn" and stray_lines:
-        warnings.warn("device_map keys that match nothing in the model: " + ", ".join(
-            repr(k) for k in strays), stacklevel=3)
+        warnings.warn("device_map keys do not match any submodules (they name nothing in the "
+                      "model): " + ", ".join(repr(k) for k in strays), stacklevel=3)
     elif stray_lines:
         problems = stray_lines + problems
     if problems:

@@ -88,30 +88,45 @@ def offloaded(units: list[UnitSpec], placed: Placed, main: str) -> list[UnitSpec
 
 
 def assign(units: list[UnitSpec], tier_list: list[Tier]) -> Placed:
-    """(placement, why there) per unit: units in order, tiers filled in order, never back; a
-    unit that shares a tensor joins its partner's tier when it fits there."""
+    """(placement, why there) per unit: units in order, tiers filled in order, never back.
+
+    A unit whose tensor later units share (a tie) takes them along where they all fit: room
+    for them is kept on its tier, and they join it there. Where they do not fit together, it
+    is placed alone and each later holder uses the tensor where it lives."""
     placed: Placed = []
     used = [0] * len(tier_list)
-    tier_of: dict[str, int] = {}
+    partners = _partners(units)
+    joined: dict[str, int] = {}  # unit name -> tier kept for it by the unit it shares with
     at, where = 0, "first device with room"
     for k, unit in enumerate(units):
-        partner = tier_of.get(unit.tied_to) if unit.tied_to is not None else None
-        if partner is not None and fits(tier_list[partner], used[partner], unit.size_bytes):
-            chosen, why = partner, f"tie group: placed with {unit.tied_to!r}"
-        else:
-            start = at
-            while at < len(tier_list) and not fits(tier_list[at], used[at], unit.size_bytes):
-                at += 1
-            if at == len(tier_list):
-                raise does_not_fit(units[k:], tier_list[start:], used[start:])
-            if at != start:
-                where = "; ".join(skip_reason(tier_list[t], used[t], unit.size_bytes)
-                                  for t in range(start, at))
-            chosen, why = at, where + _borrowing(unit)
-        used[chosen] += unit.size_bytes
-        tier_of[unit.name] = chosen
-        placed.append((tier_list[chosen].placement, why))
+        if unit.name in joined:
+            placed.append((tier_list[joined[unit.name]].placement,
+                           f"tie group: placed with {unit.tied_to!r}"))
+            continue
+        along = partners.get(unit.name, [])
+        start = at
+        while at < len(tier_list) and not fits(tier_list[at], used[at], unit.size_bytes):
+            at += 1
+        if at == len(tier_list):
+            raise does_not_fit(units[k:], tier_list[start:], used[start:])
+        if at != start:
+            where = "; ".join(skip_reason(tier_list[t], used[t], unit.size_bytes)
+                              for t in range(start, at))
+        used[at] += unit.size_bytes
+        if along and fits(tier_list[at], used[at], sum(u.size_bytes for u in along)):
+            used[at] += sum(u.size_bytes for u in along)
+            joined.update(dict.fromkeys((u.name for u in along), at))
+        placed.append((tier_list[at].placement, where + _borrowing(unit)))
     return placed
+
+
+def _partners(units: list[UnitSpec]) -> dict[str, list[UnitSpec]]:
+    """For each unit, the later units that share a tensor first held by it."""
+    result: dict[str, list[UnitSpec]] = {}
+    for unit in units:
+        if unit.tied_to is not None:
+            result.setdefault(unit.tied_to, []).append(unit)
+    return result
 
 
 def _borrowing(unit: UnitSpec) -> str:
