@@ -83,7 +83,7 @@ def test_disk_offload_of_matching_dtype_writes_nothing(tmp_path, fp32_file, eage
     assert report.offload_folder is None
     assert not folder.exists()
     disk = [n for n in report.loaded if n.startswith("layers.")]
-    assert report.zero_copy == len(report.loaded) and disk
+    assert report.zero_copy == len(disk) > 0  # the disk tier: views of the checkpoint file
     assert torch.equal(model(x), eager(x))
 
 

@@ -66,6 +66,10 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is truncated, corrupted, or its header lies about its contents."""
 
 
+class CheckpointChangedError(CorruptCheckpointError):
+    """A checkpoint file changed (rewritten, truncated, removed) after it was indexed."""
+
+
 class CheckpointIndexError(CheckpointError):
     """A shard index (``*.index.json``) is inconsistent with the shards it names."""
 

@@ -34,6 +34,7 @@ from .offload import (
     stored_views,
     value_digest,
 )
+from .offload.stream import read_resident
 from .pages import advise
 from .plan import DevicePlan, check_covers
 from .preflight import (
@@ -277,7 +278,7 @@ def _place_disk(jobs, converted, reader, loaded, journal, bar) -> None:  # noqa:
         if item is None:  # zero-copy: a view of the checkpoint's own file
             entry = reader.index.entries[job.key]
             item = StoredTensor(job.tensor.fqn, reader.get(job.key).data, "disk",
-                                reader.mmap_for(entry.file), entry.byte_range)
+                                reader.mmap_for(entry.file), entry.byte_range, file=entry.file)
             loaded.report.zero_copy += 1
         loaded.store.add(item)
         journal.replace(job.tensor.slot, item.tensor)
@@ -307,21 +308,21 @@ def _read_one(
     job: Job, reader: CheckpointReader, pin: bool
 ) -> tuple[torch.Tensor, torch.dtype, bool]:
     """Read, cast and place one tensor (runs in a worker thread; torch releases the GIL)."""
-    value = reader.get(job.key)  # type: ignore[arg-type]
-    stored = value.dtype
     entry = reader.index.entries[job.key]  # type: ignore[index]
-    mm = reader.mmap_for(entry.file) if entry.byte_range is not None else None
     target = job.placement
-    if target.type == "cpu" and stored == job.dtype and not pin and mm is not None:
-        advise(mm, entry.byte_range, mmap.MADV_WILLNEED)  # starts cold reads; maps nothing yet
-        return value.data, stored, True
+    if target.type == "cpu" and entry.dtype == job.dtype and entry.byte_range is not None:
+        # the CPU tier is resident: read into memory of its own (the page cache is dropped
+        # behind the read), never a view of the file that a streaming disk tier could evict
+        return read_resident(entry, pin=pin), entry.dtype, False
+    value = reader.get(job.key)  # type: ignore[arg-type]
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)
         new = new.pin_memory() if pin else new
     else:
         new = value.to(target, dtype=job.dtype, non_blocking=False)
+    mm = reader.mmap_for(entry.file) if entry.byte_range is not None else None
     advise(mm, entry.byte_range, mmap.MADV_DONTNEED)  # the source pages are not needed any more
-    return new, stored, False
+    return new, value.dtype, False
 
 
 def _account(result: LoadReport, job: Job, where: str, *, stored: torch.dtype) -> None:

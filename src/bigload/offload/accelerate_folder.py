@@ -28,7 +28,8 @@ def serve_accelerate_folder(
     store = OffloadStore()
     for name, info in offload_index.items():
         tensor, mm, size = _view(folder, name, info)
-        store.add(StoredTensor(name, tensor, "disk", mm, (0, size)))
+        store.add(StoredTensor(name, tensor, "disk", mm, (0, size),
+                               file=folder / f"{name}.dat"))
     return store
 
 

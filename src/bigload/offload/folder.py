@@ -161,4 +161,4 @@ def stored_views(reader: CheckpointReader, tier: Tier = "disk") -> Iterator[Stor
     for name, entry in reader.index.entries.items():
         tensor = reader.get(name).data
         mm = reader.mmap_for(entry.file) if entry.byte_range else None
-        yield StoredTensor(name, tensor, tier, mm, entry.byte_range)
+        yield StoredTensor(name, tensor, tier, mm, entry.byte_range, file=entry.file)

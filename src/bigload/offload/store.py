@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,6 +31,7 @@ class StoredTensor:
     mm: mmap.mmap | None = None
     byte_range: tuple[int, int] | None = None
     version: int = 0
+    file: Path | None = None  # the file ``byte_range`` is in (disk tier)
 
     @property
     def nbytes(self) -> int:

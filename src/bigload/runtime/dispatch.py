@@ -14,6 +14,7 @@ from ..devices import is_accelerator, parse_device, placement_str
 from ..errors import DispatchError
 from ..loader import refuse_meta
 from ..offload import OffloadStore
+from ..offload.stream import Streamer, layout
 from ..plan import DevicePlan
 from ..slots import TensorSlot, iter_slots
 from .hooks import (
@@ -56,7 +57,8 @@ def dispatch(
         keys = [skip_keys] if isinstance(skip_keys, str) else list(
             skip_keys if skip_keys is not None else _model_skip_keys(model))
         units = build_units(model, plan)
-        _attach(model, DispatchState(units, store, plan.main, keys, plan.prefetch))
+        streamer = _streamer(units, store, plan)
+        _attach(model, DispatchState(units, store, plan.main, keys, plan.prefetch, streamer))
     _describe(model, plan)
     return model
 
@@ -91,6 +93,17 @@ def build_units(model: nn.Module, plan: DevicePlan) -> list[Unit]:
     ]
     _assign_slots(model, units, set(plan.tensor_placements))
     return [u for u in units if u.slots or u.borrowed]
+
+
+def _streamer(units: list[Unit], store: OffloadStore, plan: DevicePlan) -> Streamer | None:
+    """The pool disk units stream through: ``1 + prefetch`` buffers of the largest unit."""
+    sizes = [layout([store.items[s.fqn] for s in u.slots if s.fqn in store.items
+                     and store.items[s.fqn].file is not None]).nbytes
+             for u in units if u.streams]
+    if not sizes or not max(sizes):
+        return None
+    return Streamer(max(sizes), 1 + plan.prefetch, pin=plan.main.type == "cuda"
+                    and torch.cuda.is_available())
 
 
 def _hook_module(model: nn.Module, name: str) -> nn.Module:
@@ -133,11 +146,12 @@ def _attach(model: nn.Module, state: DispatchState) -> None:
     for position, unit in enumerate(state.units):
         object.__setattr__(unit.module, STATE_ATTR, state)
         unit.module.register_forward_pre_hook(UnitPreHook(position), with_kwargs=True)
-        unit.module.register_forward_hook(UnitPostHook(position), with_kwargs=True)
+        unit.module.register_forward_hook(UnitPostHook(position), with_kwargs=True,
+                                          always_call=True)
         if unit.swaps:
             refuse_backward(state, unit)
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True, prepend=True)
-    model.register_forward_hook(RootPostHook(), with_kwargs=True)
+    model.register_forward_hook(RootPostHook(), with_kwargs=True, always_call=True)
     guard_moves(model, _check_move)
 
 

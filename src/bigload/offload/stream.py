@@ -1,0 +1,228 @@
+"""Streaming the disk tier: each use of a disk unit reads its bytes into one of a small, reused
+pool of buffers, with parallel reads that bypass (or immediately drop) the page cache, the next
+unit read ahead while the current one computes. Resident memory stays at the pool's size.
+
+The pool holds ``1 + depth`` buffers of the largest disk unit's size: exactly the room the
+planner reserves for streaming. Reads use ``O_DIRECT`` where the filesystem allows it (no page
+cache at all), else buffered reads followed by ``POSIX_FADV_DONTNEED`` on the range read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointChangedError
+from .store import StoredTensor
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
+CHUNK = 8 << 20  # bytes per read request: large enough for the disk, small enough to spread
+READ_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One read: ``length`` bytes of ``file`` at ``offset`` into the buffer at ``at``."""
+
+    file: Path
+    offset: int
+    length: int
+    at: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a unit's tensors sit in a buffer: the reads that fill it, and each tensor's byte
+    offset in the buffer."""
+
+    spans: tuple[_Span, ...]
+    starts: dict[str, int]
+    nbytes: int
+
+
+def layout(items: Sequence[StoredTensor]) -> _Layout:
+    """Aligned reads covering every item (adjacent items in a file merged into one read)."""
+    ranges = sorted(((i.file, i.byte_range[0], i.byte_range[1], i.fqn) for i in items
+                     if i.file is not None and i.byte_range is not None), key=lambda r: r[:2])
+    spans: list[_Span] = []
+    starts: dict[str, int] = {}
+    at = 0
+    for file, start, end, fqn in ranges:
+        first, last = (start // ALIGN) * ALIGN, -(-end // ALIGN) * ALIGN
+        current = spans[-1] if spans else None
+        if current and current.file == file and first <= current.offset + current.length:
+            grown = max(current.offset + current.length, last) - current.offset
+            spans[-1] = _Span(file, current.offset, grown, current.at)
+            at = current.at + grown
+            starts[fqn] = current.at + (start - current.offset)
+            continue
+        spans.append(_Span(file, first, last - first, at))
+        starts[fqn] = at + (start - first)
+        at += last - first
+    return _Layout(tuple(spans), starts, at)
+
+
+class Streamer:
+    """Reads disk units into a pool of ``slots`` buffers of ``buffer_bytes`` each (pinned when
+    the units run on an accelerator). ``start(key, items)`` begins reading a unit into a free
+    buffer (or does nothing when none is free); ``take(key, items)`` returns its tensors,
+    reading now if it was not started; ``release(key)`` returns the buffer to the pool."""
+
+    def __init__(self, buffer_bytes: int, slots: int, *, pin: bool = False,
+                 workers: int = READ_WORKERS):
+        self.buffer_bytes = buffer_bytes
+        self.slots = max(1, slots)
+        self.pin = pin
+        self._free: list[tuple[torch.Tensor, Any]] = []
+        self._allocated = 0
+        self._busy: dict[str, tuple[torch.Tensor, Future]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-read")
+        self._direct: dict[Path, bool] = {}  # files where O_DIRECT was refused: False
+
+    def start(self, key: str, items: Sequence[StoredTensor]) -> None:
+        with self._lock:
+            if key in self._busy:
+                return
+            buffer = self._buffer()
+            if buffer is None:
+                return
+            self._busy[key] = (buffer, self._pool.submit(self._fill, buffer, items))
+
+    def take(self, key: str, items: Sequence[StoredTensor]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            busy = self._busy.get(key)
+            if busy is None:
+                buffer = self._buffer()
+                buffer = self._extra() if buffer is None else buffer
+                busy = self._busy[key] = (buffer, self._pool.submit(self._fill, buffer, items))
+        return busy[1].result()
+
+    def release(self, key: str, after: Any = None) -> None:
+        """Return ``key``'s buffer to the pool; ``after`` (a CUDA event) is waited for before
+        the buffer is read into again (copies from it may still be in flight)."""
+        with self._lock:
+            busy = self._busy.pop(key, None)
+            if busy is not None:
+                self._free.append((busy[0], after))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __deepcopy__(self, memo: dict) -> Streamer:
+        return self
+
+    def _buffer(self) -> torch.Tensor | None:
+        if self._free:
+            buffer, after = self._free.pop()
+            if after is not None:
+                after.synchronize()
+            return buffer
+        if self._allocated >= self.slots:
+            return None
+        self._allocated += 1
+        return self._allocate()
+
+    def _extra(self) -> torch.Tensor:
+        """A buffer beyond the pool, for units that run nested inside another streamed unit
+        (a module hooked inside a preloaded parent); released to the pool like the others."""
+        logger.debug("streaming pool of %d buffers exhausted: one more of %d bytes",
+                     self.slots, self.buffer_bytes)
+        self.slots += 1
+        self._allocated += 1
+        return self._allocate()
+
+    def _allocate(self) -> torch.Tensor:
+        raw = torch.empty(self.buffer_bytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+        skip = -raw.data_ptr() % ALIGN
+        return raw[skip:skip + self.buffer_bytes]
+
+    # --- reading ---------------------------------------------------------------------------
+    def _fill(self, buffer: torch.Tensor, items: Sequence[StoredTensor]) -> dict[str, torch.Tensor]:
+        plan = layout(items)
+        if plan.nbytes > buffer.numel():
+            raise RuntimeError(
+                f"bigload: a disk unit needs {plan.nbytes} bytes, the streaming buffer holds "
+                f"{buffer.numel()}; the plan's streaming reserve is too small")
+        chunks = [(span, offset) for span in plan.spans
+                  for offset in range(0, span.length, CHUNK)]
+        reads = [self._pool.submit(self._read, buffer, span, offset) for span, offset in chunks]
+        for read in reads:
+            read.result()
+        return {i.fqn: _view(buffer, plan.starts[i.fqn], i.tensor) for i in items
+                if i.fqn in plan.starts}
+
+    def _read(self, buffer: torch.Tensor, span: _Span, offset: int) -> None:
+        length = min(CHUNK, span.length - offset)
+        target = memoryview(buffer[span.at + offset:span.at + offset + length].numpy())
+        position = span.offset + offset
+        if self._direct.get(span.file, hasattr(os, "O_DIRECT")):
+            try:
+                done = _read_at(span.file, target, position, os.O_DIRECT)
+            except OSError:  # the filesystem refuses direct I/O (tmpfs, some FUSE): buffered
+                self._direct[span.file] = False
+                done = _read_at(span.file, target, position, 0)
+        else:
+            done = _read_at(span.file, target, position, 0)
+        if done < length and position + done < span.file.stat().st_size:
+            raise CheckpointChangedError(
+                f"'{span.file}' returned {done} of {length} bytes at offset {position}: the "
+                "file changed since it was indexed. Load the model again.")
+
+
+def _read_at(file: Path, target: memoryview, offset: int, flags: int, *, drop: bool = True) -> int:
+    """Read into ``target`` from ``offset`` of ``file`` until full or end of file; a buffered
+    read drops the pages it brought into the page cache unless ``drop=False``."""
+    fd = os.open(file, os.O_RDONLY | flags)
+    try:
+        done = _read_fully(fd, target, offset)
+        if drop and not flags:
+            os.posix_fadvise(fd, offset, len(target), os.POSIX_FADV_DONTNEED)
+        return done
+    finally:
+        os.close(fd)
+
+
+def _read_fully(fd: int, target: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(target):
+        n = os.preadv(fd, [target[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _view(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    raw = buffer[start:start + like.numel() * like.element_size()]
+    if start % like.element_size():
+        raw = raw.clone()
+    return raw.view(like.dtype).view(like.shape)
+
+
+def read_resident(entry: Any, *, pin: bool = False) -> torch.Tensor:
+    """The tensor of checkpoint ``entry`` (safetensors: ``file``, ``byte_range``, ``dtype``,
+    ``shape``) read into memory of its own, in chunks. The page cache is left as it is: it is
+    reclaimable, and warm for the next load."""
+    start, end = entry.byte_range
+    raw = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
+    target = memoryview(raw.numpy())
+    for offset in range(0, end - start, CHUNK):
+        piece = target[offset:offset + CHUNK]
+        if _read_at(Path(entry.file), piece, start + offset, 0, drop=False) < len(piece):
+            raise CheckpointChangedError(
+                f"'{entry.file}' ended before byte {end} of {entry.name!r}: the file changed "
+                "since it was indexed. Load the model again.")
+    if raw.data_ptr() % entry.dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(entry.dtype).view(entry.shape)
