@@ -1,5 +1,6 @@
-"""bigload.load's edges: model ids from the local Hugging Face cache, errors for paths that are
-not model folders, the progress bar, and the transformers initialisers skipped on meta."""
+"""bigload.load's edges: model ids from the local Hugging Face cache (offline), errors for paths
+that are not model folders, the progress bar, the transformers initialisers skipped on meta, and
+load options reaching the model inside a sentence-transformers folder."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import bigload  # noqa: E402
-from bigload.errors import ModelResolveError  # noqa: E402
+from bigload.errors import HubError, ModelResolveError  # noqa: E402
 from bigload.hf import build_skeleton  # noqa: E402
 
 
@@ -46,8 +47,9 @@ def test_model_id_resolves_offline_from_the_hub_cache(hub_cache):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
-def test_model_id_missing_from_the_cache_says_nothing_is_downloaded(hub_cache):
-    with pytest.raises(ModelResolveError, match="'org/absent'.*never downloads"):
+def test_model_id_missing_from_the_cache_offline_says_why_nothing_is_downloaded(hub_cache):
+    with pytest.raises(HubError, match="'org/absent' is not in the Hugging Face cache.*"
+                                       "HF_HUB_OFFLINE is set"):
         bigload.load("org/absent")
 
 

@@ -144,10 +144,12 @@ def test_key_mapping_renames_checkpoint_keys(llama_folder, tmp_path):
     torch.testing.assert_close(logits(model), logits(eager(llama_folder)))
 
 
-def test_subfolder(llama_folder, tmp_path):
+def test_subfolder_and_local_revision(llama_folder, tmp_path):
     (tmp_path / "sub").symlink_to(llama_folder, target_is_directory=True)
-    model = bigload.load(tmp_path, device_map="cpu", subfolder="sub")
+    model = bigload.load(tmp_path, device_map="cpu", subfolder="sub", revision="main")
     torch.testing.assert_close(logits(model), logits(eager(llama_folder)))
+    with pytest.raises(UnsupportedArgumentError, match="revision='v2'.*local folder"):
+        bigload.load(llama_folder, revision="v2")
 
 
 REMOTE_CONFIG = '''from transformers import PretrainedConfig

@@ -134,3 +134,8 @@ class UnsupportedArgumentError(BigloadError, TypeError):
 class RemoteCodeError(ModelResolveError):
     """A model needs code from its folder or repository (``auto_map``) and
     ``trust_remote_code=True`` was not given."""
+
+
+class HubError(ModelResolveError):
+    """A model id cannot be fetched from the Hugging Face Hub: no such repository or revision,
+    no access, or offline and not in the local cache."""

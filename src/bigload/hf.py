@@ -1,5 +1,5 @@
 """One call for transformers and sentence-transformers checkpoints: resolve the folder (a local
-one, or a model id in the local Hugging Face cache), build the skeleton from its config
+one, or a model id fetched from the Hugging Face Hub), build the skeleton from its config
 (transformers' declarations honoured), plan, load, dispatch. transformers is an optional extra.
 
 :func:`load` takes ``from_pretrained``'s arguments (``hf_args`` translates them once). A
@@ -36,6 +36,7 @@ from .errors import (
     CheckpointMismatchError,
     ModelResolveError,
     RemoteCodeError,
+    UnsupportedArgumentError,
     format_problems,
 )
 from .hf_args import model_class_from, pick, refuse_unknown, remote_auto_class, translate_kwargs
@@ -75,6 +76,17 @@ class LoadOptions:
     trust_remote_code: bool | None = None
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """Where a model id is fetched from: ``from_pretrained``'s hub arguments."""
+
+    revision: str | None = None
+    token: bool | str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+
+
 def load(
     path_or_id: str | os.PathLike,
     *,
@@ -94,11 +106,15 @@ def load(
     attn_implementation: str | None = None,
     trust_remote_code: bool | None = None,
     key_mapping: Mapping[str, str] | None = None,
+    revision: str | None = None,
     subfolder: str = "",
+    token: bool | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load a transformers or sentence-transformers model folder (or a cached model id) ready to
-    run.
+    """Load a transformers or sentence-transformers model folder, or a Hub model id, ready to run.
 
     Plans over ``max_memory`` (default: free accelerator memory, most of the RAM, then disk;
     ``headroom_bytes`` kept free for activations, ``offload_buffers`` to offload buffers too),
@@ -111,8 +127,10 @@ def load(
     task such as ``"text-classification"``), ``config``, config attributes as overrides
     (``num_labels=2``), ``ignore_mismatched_sizes``, ``attn_implementation``,
     ``trust_remote_code`` (remote code runs only when True), ``key_mapping``, ``torch_dtype``
-    (old name of ``dtype``), ``offload_folder`` (of ``offload_dir``) and ``subfolder``.
-    Arguments it cannot honour raise UnsupportedArgumentError saying why.
+    (old name of ``dtype``), ``offload_folder`` (of ``offload_dir``) and the hub's ``revision``,
+    ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download``. A model id
+    not in the cache is downloaded (only the files the load reads); ``HF_HUB_OFFLINE=1`` reads
+    the cache only. Arguments it cannot honour raise UnsupportedArgumentError saying why.
     """
     renamed, rest = translate_kwargs(kwargs)
     options = LoadOptions(
@@ -125,7 +143,9 @@ def load(
         attn_implementation=attn_implementation, key_mapping=key_mapping,
         trust_remote_code=trust_remote_code,
     )
-    folder = resolve_model_path(path_or_id, subfolder=subfolder)
+    source = HubSource(revision, token, cache_dir, local_files_only, force_download)
+    folder = resolve_model_path(path_or_id, subfolder=subfolder, source=source,
+                                trust_remote_code=trust_remote_code, progress=progress)
     if (folder / "modules.json").is_file():
         from .sentence import load_sentence_encoder
 
@@ -140,37 +160,32 @@ def accepted_arguments() -> list[str]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def resolve_model_path(path_or_id: str | os.PathLike, *, subfolder: str = "") -> Path:
-    """A local folder with config.json (or modules.json), or a model id found in the local
-    Hugging Face cache (resolved offline; nothing is downloaded). ``subfolder`` is a folder
-    inside either."""
+def resolve_model_path(
+    path_or_id: str | os.PathLike,
+    *,
+    subfolder: str = "",
+    source: HubSource | None = None,
+    trust_remote_code: bool | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """A local folder with config.json (or modules.json), or the local snapshot of a Hub model
+    id, fetched if missing (:mod:`bigload.hub`; only from the cache with ``local_files_only`` or
+    ``HF_HUB_OFFLINE=1``). ``subfolder`` is a folder inside either."""
+    source = source or HubSource()
     path = Path(path_or_id).expanduser()
     if path.is_dir():
+        _check_local_revision(path, source.revision)
         return _model_folder(path / subfolder)
     if path.exists():
         raise ModelResolveError(f"'{path.resolve()}' is a file; pass the model's folder")
-    return _model_folder(_from_hub_cache(str(path_or_id)) / subfolder)
+    from .hub import fetch_model
 
-
-def _from_hub_cache(model_id: str) -> Path:
-    if model_id.count("/") > 1 or not model_id.strip():
-        raise ModelResolveError(f"'{model_id}' is neither a folder nor a model id ('org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(model_id, local_files_only=True)
-    except ImportError as err:
-        raise ModelResolveError(
-            f"'{model_id}' is not a folder, and huggingface_hub (to look in the local cache) is "
-            "not installed: pip install 'bigload[hf]'"
-        ) from err
-    except Exception as err:  # huggingface_hub raises several kinds here
-        raise ModelResolveError(
-            f"'{model_id}' is not a local folder and not in the Hugging Face cache "
-            f"({type(err).__name__}). bigload never downloads: fetch it first (e.g. "
-            f"`hf download {model_id}`) or pass a folder path."
-        ) from err
-    return Path(folder)
+    snapshot = fetch_model(str(path_or_id), subfolder=subfolder, revision=source.revision,
+                           token=source.token, cache_dir=source.cache_dir,
+                           local_files_only=source.local_files_only,
+                           force_download=source.force_download,
+                           trust_remote_code=bool(trust_remote_code), progress=progress)
+    return _model_folder(snapshot / subfolder)
 
 
 def _model_folder(path: Path) -> Path:
@@ -181,6 +196,14 @@ def _model_folder(path: Path) -> Path:
             "bigload.load_checkpoint_and_dispatch(model, path, ...)."
         )
     return path.resolve()
+
+
+def _check_local_revision(path: Path, revision: str | None) -> None:
+    if revision not in (None, "main"):
+        raise UnsupportedArgumentError(
+            f"revision={revision!r} names a version on the Hugging Face Hub, but '{path.resolve()}'"
+            " is a local folder, which has one version. Pass the model id ('org/name') to load "
+            "that revision, or drop revision=.")
 
 
 def model_dtype(config: Any, index: CheckpointIndex, dtype: torch.dtype | str | None) -> Any:
@@ -534,8 +557,9 @@ def build_model_skeleton(
     model_class: Any = None,
 ) -> tuple[nn.Module, CheckpointIndex, Any]:
     """``(model, index, config)``: the model :func:`load` would build, on ``meta`` in the dtype
-    it would use (:func:`model_dtype`), with the checkpoint's index. Reads no tensor data."""
-    folder = resolve_model_path(path_or_id)
+    it would use (:func:`model_dtype`), with the checkpoint's index. Reads no tensor data, and
+    a model id only from the local cache (planning downloads nothing)."""
+    folder = resolve_model_path(path_or_id, source=HubSource(local_files_only=True))
     model, index, config, _dtype = _skeleton(transformer_folder(folder), dtype, model_class)
     return model, index, config
 
