@@ -16,6 +16,7 @@ import bigload  # noqa: E402
 from bigload.errors import HubError  # noqa: E402
 from bigload.hub import needed_files  # noqa: E402
 from fake_hub import FakeHub  # noqa: E402
+from hf_models import save_tiny_bert  # noqa: E402
 
 IDS = torch.tensor([[1, 7, 9, 3]])
 DECOYS = ("pytorch_model.bin", "flax_model.msgpack", "tf_model.h5", "onnx/model.onnx",
@@ -24,7 +25,12 @@ DECOYS = ("pytorch_model.bin", "flax_model.msgpack", "tf_model.h5", "onnx/model.
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """'org/llama': a sharded safetensors llama plus files of other formats."""
+    """'org/llama': a sharded safetensors llama plus files of other formats; 'org/st': a
+    sentence-transformers bi-encoder (Dense, Normalize) with an onnx/ folder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
     root = tmp_path_factory.mktemp("repos")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -34,7 +40,12 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in DECOYS:
         (root / "llama" / name).parent.mkdir(exist_ok=True)
         (root / "llama" / name).write_bytes(b"not for bigload")
-    return {"org/llama": root / "llama"}
+    bert = save_tiny_bert(root / "bert")
+    SentenceTransformer(modules=[Transformer(str(bert)), Pooling(32), Dense(32, 16), Normalize()],
+                        device="cpu").save(str(root / "st"))
+    (root / "st" / "onnx").mkdir()
+    (root / "st" / "onnx" / "model.onnx").write_bytes(b"onnx")
+    return {"org/llama": root / "llama", "org/st": root / "st"}
 
 
 @pytest.fixture
@@ -73,6 +84,20 @@ def test_cold_cache_then_cached_then_offline(hub, repos, monkeypatch):
     offline = bigload.load("org/llama", device_map="cpu")
     assert hub.requests == []
     torch.testing.assert_close(llama_logits(offline), llama_logits(reference), rtol=0, atol=0)
+
+
+def test_sentence_transformers_repository_fetches_its_modules_not_other_backends(hub, repos):
+    from sentence_transformers import SentenceTransformer
+
+    model = bigload.load("org/st", device_map="cpu")
+    assert type(model) is SentenceTransformer
+    downloaded = set(hub.downloads())
+    assert {"modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors",
+            "model.safetensors", "tokenizer.json"} <= downloaded
+    assert not {f for f in downloaded if f.startswith("onnx/") or f == "README.md"}
+    reference = SentenceTransformer(str(repos["org/st"]), device="cpu")
+    torch.testing.assert_close(model.encode(["a cat"], convert_to_tensor=True),
+                               reference.encode(["a cat"], convert_to_tensor=True))
 
 
 def test_revision_by_commit_and_unknown_revisions(hub):

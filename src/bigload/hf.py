@@ -3,9 +3,9 @@ one, or a model id fetched from the Hugging Face Hub), build the skeleton from i
 (transformers' declarations honoured), plan, load, dispatch. transformers is an optional extra.
 
 :func:`load` takes ``from_pretrained``'s arguments (``hf_args`` translates them once). A
-sentence-transformers folder (``modules.json``) loads as a :class:`SentenceEncoder`: its
-transformer placed by bigload, plus the folder's pooling and normalisation, with an ``encode()``
-like sentence-transformers'.
+sentence-transformers folder (``modules.json``) loads as the library's own object
+(``SentenceTransformer``, ``CrossEncoder``, ...), its transformers models loaded by bigload
+(``sentence_transformers_compat``).
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def load(
     ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download``. A model id
     not in the cache is downloaded (only the files the load reads); ``HF_HUB_OFFLINE=1`` reads
     the cache only. Arguments it cannot honour raise UnsupportedArgumentError saying why.
+
+    A sentence-transformers folder returns the library's own object (``SentenceTransformer``,
+    ``CrossEncoder``, ``SparseEncoder``... per its config, or ``model_class``); keyword arguments
+    of that class (``prompts``, ``truncate_dim``, ``config_kwargs``...) are passed to it.
     """
     renamed, rest = translate_kwargs(kwargs)
     options = LoadOptions(
@@ -147,9 +151,16 @@ def load(
     folder = resolve_model_path(path_or_id, subfolder=subfolder, source=source,
                                 trust_remote_code=trust_remote_code, progress=progress)
     if (folder / "modules.json").is_file():
-        from .sentence import load_sentence_encoder
+        from . import sentence_transformers_compat as st
 
-        return load_sentence_encoder(folder, options, model_class=model_class, overrides=rest)
+        if not st.names_transformers_class(model_class):
+            if config is not None:
+                raise UnsupportedArgumentError(
+                    "config=... applies to a transformers folder; for the sentence-transformers "
+                    f"folder '{folder}' pass config_kwargs={{...}} (config attribute overrides).")
+            return st.load_sentence_transformers(folder, options, model_class=model_class,
+                                                 init_kwargs=rest)
+        folder = transformer_folder(folder)
     return load_transformers_model(folder, options, model_class=model_class, config=config,
                                    overrides=rest)
 
@@ -537,19 +548,22 @@ def read_json(path: Path) -> Any:
 
 
 # --- the model of a folder without its weights (the CLI's plan and verify) ---------------------
-_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
-
-
 def transformer_folder(folder: Path) -> Path:
     """The folder holding the transformers model: ``folder``, or for a sentence-transformers
-    folder (``modules.json``) the path of its Transformer module."""
+    folder (``modules.json``) the first module folder whose config.json is a transformers
+    config (has a ``model_type``), whatever the module's type is called."""
     modules = folder / "modules.json"
     if not modules.is_file():
         return folder
     for module in read_json(modules):
-        if module.get("type") == _ST_TRANSFORMER:
-            return folder / module.get("path", "")
-    raise ModelResolveError(f"'{modules}' has no {_ST_TRANSFORMER} module")
+        candidate = folder / module.get("path", "")
+        config = candidate / "config.json"
+        if config.is_file() and "model_type" in read_json(config):
+            return candidate
+    raise ModelResolveError(
+        f"'{modules}' names no module holding a transformers model (a folder whose "
+        "config.json has a model_type); load it with bigload.load, which lets "
+        "sentence-transformers assemble it.")
 
 
 def build_model_skeleton(
