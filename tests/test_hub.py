@@ -95,6 +95,8 @@ def test_sentence_transformers_repository_fetches_its_modules_not_other_backends
     assert {"modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors",
             "model.safetensors", "tokenizer.json"} <= downloaded
     assert not {f for f in downloaded if f.startswith("onnx/") or f == "README.md"}
+    assert {path.split("/resolve/")[0] for _, path in hub.requests} == {
+        "/api/models/org/st", "/org/st"}  # the listing and files: the library asks nothing
     reference = SentenceTransformer(str(repos["org/st"]), device="cpu")
     torch.testing.assert_close(model.encode(["a cat"], convert_to_tensor=True),
                                reference.encode(["a cat"], convert_to_tensor=True))

@@ -134,7 +134,8 @@ def _init_kwargs(cls: type, given: dict[str, Any], options: LoadOptions) -> dict
     model_kwargs["device_map"] = options.device_map if options.device_map is not None else "cpu"
     if options.dtype is not None:
         model_kwargs["dtype"] = options.dtype  # the library reads it (its bf16-on-CPU notice)
-    return {**given, "model_kwargs": model_kwargs,
+    # the folder is local by now (bigload fetched it): the library needs no Hub request
+    return {**given, "model_kwargs": model_kwargs, "local_files_only": True,
             "trust_remote_code": bool(options.trust_remote_code)}
 
 
