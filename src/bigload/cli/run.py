@@ -94,6 +94,8 @@ def execute(args: argparse.Namespace) -> int:
     kind = model_kind(folder, args.model_class)
     _check_inputs(args, kind)
     tokenizer = load_tokenizer(folder) if kind != "sentence" else None
+    if kind == "sentence":  # sentence-transformers builds the model: its import is not the load
+        import sentence_transformers  # noqa: F401
     with _offload_dir(args.offload_dir) as offload_dir:
         start = time.perf_counter()
         model = hf.load(folder, device_map=args.strategy, max_memory=args.max_memory,
