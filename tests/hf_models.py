@@ -179,3 +179,27 @@ MODELS: tuple[HFModel, ...] = (
 )
 
 BY_NAME = {m.name: m for m in MODELS}
+
+
+# --- tiny BERT folders for the sentence-transformers and Hub tests -----------------------------
+BERT_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz",
+              "the", "a", "cat", "dog", "sat", "on", "mat", "##s")
+
+
+def save_tiny_bert(folder: Any, cls: str = "BertModel", **config: Any) -> Any:
+    """A tiny BERT of class ``cls`` (hidden 32, 2 layers, seeded) and a WordPiece tokenizer,
+    written by ``save_pretrained`` into ``folder`` (a Path); returns ``folder``."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB))
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=HIDDEN,
+                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                                  **config)
+    getattr(transformers, cls)(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

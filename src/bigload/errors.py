@@ -117,11 +117,6 @@ class DispatchError(BigloadError, RuntimeError):
     """A model cannot be dispatched as asked (for example ``.to()`` on a dispatched model)."""
 
 
-class UnsupportedArgumentError(BigloadError, ValueError):
-    """An argument accepted for another library's signature whose behaviour bigload does not
-    offer; the message says why and what to use instead."""
-
-
 # --- transformers integration ------------------------------------------------------------------
 class ModelResolveError(BigloadError):
     """A model path or id cannot be resolved to a folder with a config and weights."""
@@ -132,3 +127,20 @@ class UnknownTensorError(BigloadError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedArgumentError(BigloadError, ValueError, TypeError):
+    """An argument bigload does not take (an unknown name), or one accepted for another
+    library's signature (``from_pretrained``, accelerate) whose behaviour bigload does not
+    offer; the message says why and what to use instead. A TypeError as well, as Python's own
+    error for an unexpected keyword is."""
+
+
+class RemoteCodeError(ModelResolveError):
+    """A model needs code from its folder or repository (``auto_map``) and
+    ``trust_remote_code=True`` was not given."""
+
+
+class HubError(ModelResolveError):
+    """A model id cannot be fetched from the Hugging Face Hub: no such repository or revision,
+    no access, or offline and not in the local cache."""

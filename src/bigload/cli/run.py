@@ -94,6 +94,8 @@ def execute(args: argparse.Namespace) -> int:
     kind = model_kind(folder, args.model_class)
     _check_inputs(args, kind)
     tokenizer = load_tokenizer(folder) if kind != "sentence" else None
+    if kind == "sentence":  # sentence-transformers builds the model: its import is not the load
+        import sentence_transformers  # noqa: F401
     with _offload_dir(args.offload_dir) as offload_dir:
         start = time.perf_counter()
         model = hf.load(folder, device_map=args.strategy, max_memory=args.max_memory,
@@ -192,8 +194,8 @@ def run_model(model: Any, kind: Kind, tokenizer: Any, args: argparse.Namespace) 
         if kind == "generate":
             return generate(model, tokenizer, args.prompt or DEFAULT_PROMPT, args.max_new_tokens)
         texts = list(args.text or DEFAULT_TEXTS)
-        if kind == "sentence":
-            embeddings = model.encode(texts)
+        if kind == "sentence":  # the library's SentenceTransformer (numpy unless asked)
+            embeddings = model.encode(texts, convert_to_tensor=True).cpu()
         else:
             embeddings = mean_pooled(model, tokenizer, texts)
     return {"texts": texts, "embeddings": embeddings.tolist(),
@@ -210,15 +212,15 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> di
 
 def mean_pooled(model: Any, tokenizer: Any, texts: Sequence[str]) -> Any:
     """Mean of the last hidden states over the real tokens (the attention mask)."""
-    from bigload.sentence import pool
-
     batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
     batch = batch.to(model.bigload_plan.main_device)
     out = model(**batch, output_hidden_states=True)
     tokens = getattr(out, "last_hidden_state", None)
     if tokens is None:
         tokens = out.hidden_states[-1]
-    return pool(tokens, batch["attention_mask"], ("mean_tokens",)).float().cpu()
+    weights = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+    mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return mean.float().cpu()
 
 
 def cosine_similarities(embeddings: Any) -> Any:

@@ -152,7 +152,7 @@ def _attach(model: nn.Module, state: DispatchState) -> None:
             refuse_backward(state, unit)
     model.register_forward_pre_hook(RootPreHook(), with_kwargs=True, prepend=True)
     model.register_forward_hook(RootPostHook(), with_kwargs=True, always_call=True)
-    guard_moves(model, _check_move)
+    guard_moves(model, _check_move, state.main_device)
 
 
 def _remove_hook_objects(module: nn.Module) -> None:

@@ -64,14 +64,15 @@ def first_device(obj: Any) -> torch.device | None:
 
 CASTS = {"half": torch.float16, "float": torch.float32, "double": torch.float64,
          "bfloat16": torch.bfloat16}
-GUARDED = ("to", "cpu", "cuda", "xpu", *CASTS)
+GUARDED = ("to", "cpu", "cuda", "xpu", "_apply", *CASTS)
 
 Check = Callable[[nn.Module, Any, "torch.dtype | None", str], nn.Module]
 
 
-def guard_moves(model: nn.Module, check: Check) -> None:
+def guard_moves(model: nn.Module, check: Check, runs_on: torch.device) -> None:
     """Route ``model.to()``, ``cpu()``, ``cuda()``, ``xpu()``, ``half()``... through ``check``
-    (model, device or None, dtype or None, the call as text)."""
+    (model, device or None, dtype or None, the call as text), and ``_apply`` too: a parent's
+    ``.to()`` reaches its children through it. ``runs_on`` is where the model runs."""
 
     def to(m: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
@@ -86,6 +87,16 @@ def guard_moves(model: nn.Module, check: Check) -> None:
             lambda m, device=None, _k=kind, **_kw: check(m, _accelerator(_k, device), None,
                                                          f".{_k}()"), model)
     model.__dict__["cpu"] = types.MethodType(lambda m: check(m, "cpu", None, ".cpu()"), model)
+
+    def _apply(m: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
+        probe = torch.empty(0, dtype=dtype, device=runs_on)
+        moved = fn(probe)  # what the parent's .to()/.half() would do to a tensor here
+        device = None if moved.device == probe.device else moved.device
+        return check(m, device, None if moved.dtype == dtype else moved.dtype,
+                     "a parent module's .to()")
+
+    model.__dict__["_apply"] = types.MethodType(_apply, model)
 
 
 def unguard_moves(model: nn.Module) -> None:
