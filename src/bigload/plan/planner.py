@@ -14,7 +14,7 @@ from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
-from .solve import Placed, ReserveRule, is_offload, solve
+from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
 from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import UnitSpec, class_names, no_split_rule, plan_units
@@ -86,8 +86,17 @@ def plan_devices(
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    placed, reserve = solve(units, budgets, targets, main,
-                            ReserveRule(room, offload_buffers, 1 + depth))
+    reserve_rule = ReserveRule(room, offload_buffers, 1 + depth)
+    placed, reserve = solve(units, budgets, targets, main, reserve_rule)
+    streamed = _to_stream(model, units, placed, budgets.limits.get(main), main, reserve_rule)
+    if streamed:
+        units = plan_units(model, entries, rule, split=streamed)
+        placed, reserve = solve(units, budgets, targets, main, reserve_rule)
+        notes += (f"streamed in pieces (too big for the room on {main}): "
+                  + ", ".join(sorted(repr(n) for n in streamed)),)
+    check_main_device(units, placed, budgets.limits.get(main), main, reserve_rule)
+    placed = fill(units, placed, budgets, targets, main, reserve_rule)
+    reserve = max(reserve_rule.need(offloaded(units, placed, main)), 0)
     notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
@@ -96,6 +105,25 @@ def plan_devices(
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
+
+
+def _to_stream(
+    model: nn.Module, units: list[UnitSpec], placed: Placed, budget: int | None, main: str,
+    rule: ReserveRule,
+) -> frozenset[str]:
+    """Offloaded units to stream in pieces, when the main device cannot hold them whole."""
+    moved = offloaded(units, placed, main)
+    if budget is None or rule.need(moved) <= budget:
+        return frozenset()
+    return frozenset(u.name for u in moved if u.piece_of is None and _has_pieces(model, u.name))
+
+
+def _has_pieces(model: nn.Module, name: str) -> bool:
+    try:
+        module = model.get_submodule(name) if name else model
+    except AttributeError:  # a tensor unit
+        return False
+    return any(True for _ in module.children())
 
 
 def resident_buffers(units: list[UnitSpec], placed: Placed, main: str) -> dict[str, str]:
