@@ -183,26 +183,32 @@ def refusals(checkpoint: Path, expected_file: Path, folders: list[Path], warm_up
 
 def test_folders_this_process_cannot_write_or_read_are_refused(bf16_file, expected_file):
     base = Path(tempfile.mkdtemp(prefix="bigload-access-"))  # outside tmp_path: 0700 parents
+    read_only, unlistable, closed = base / "read-only", base / "unlistable", base / "closed"
     try:
         base.chmod(0o755)
         checkpoint = base / "model.safetensors"
         shutil.copy(bf16_file, checkpoint)
         checkpoint.chmod(0o644)
-        read_only, unlistable = base / "read-only", base / "unlistable"
-        for folder, mode in ((read_only, 0o555), (unlistable, 0o333)):
+        for folder, mode in ((read_only, 0o555), (unlistable, 0o333), (closed, 0o700)):
             folder.mkdir()
             folder.chmod(mode)
-        messages = refusals(checkpoint, expected_file,
-                            [read_only, unlistable, read_only / "new"], base / "warm")
+        if os.getuid() != 0:
+            closed.chmod(0o000)
+        messages = refusals(checkpoint, expected_file, [read_only, unlistable, read_only / "new",
+                                                        closed / "offload"], base / "warm")
         uid = 65534 if os.getuid() == 0 else os.getuid()
         assert f"'{read_only}' is not writable by this process (uid {uid})" in (
             messages[read_only])
         assert f"'{unlistable}' cannot be listed or read by this process" in messages[unlistable]
         assert f"'{read_only / 'new'}' is not accessible to this process (creating it" in (
             messages[read_only / "new"])
+        assert f"'{closed / 'offload'}' is not accessible to this process (looking it up" in (
+            messages[closed / "offload"])
         assert all("fix this folder's permissions" in m for m in messages.values())
         assert not any(read_only.iterdir())
     finally:
+        if closed.exists():
+            closed.chmod(0o700)
         shutil.rmtree(base)
 
 

@@ -45,8 +45,12 @@ def prepare_folder(folder: str | os.PathLike) -> Path:
     """The absolute path of an offload folder that exists and that this process can list,
     read and write, created if needed; an OffloadError naming what is wrong otherwise. Runs
     before any tensor moves."""
-    path = Path(folder).expanduser().resolve()
-    _refuse_files(path)
+    path = Path(folder).expanduser().absolute()
+    try:
+        path = path.resolve()
+        _refuse_files(path)
+    except OSError as err:  # e.g. a parent this process may not search
+        raise folder_error(path, err, "looking it up") from err
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
