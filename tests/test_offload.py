@@ -327,14 +327,15 @@ def _run_chain(chain_file, spy, **kwargs) -> None:
     assert torch.equal(model(inputs), eager(inputs))
 
 
-def test_on_the_cpu_nothing_is_fetched_ahead_by_default_and_each_unit_is_released(
-    chain_file, spy
-):
+def test_by_default_one_unit_is_fetched_ahead_and_each_unit_is_released(chain_file, spy):
     _run_chain(chain_file, spy)
-    assert [kind for kind, _ in spy if kind == "prefetch"] == []
-    releases = [_unit(f) for kind, f in spy if kind == "release"]
+    by_default = list(spy)
+    assert [_unit(f) for kind, f in by_default if kind == "prefetch"] == ["b", "c", "a"]
+    releases = [_unit(f) for kind, f in by_default if kind == "release"]
     assert releases == ["a", "b", "c"]
-    assert all(len(f) == 2 for kind, f in spy if kind == "release")  # weight and bias
+    assert all(len(f) == 2 for kind, f in by_default if kind == "release")  # weight and bias
+    _run_chain(chain_file, spy, prefetch=1)
+    assert spy == by_default
 
 
 def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, spy):

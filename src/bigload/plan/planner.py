@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
 from ..devices import DeviceLike, format_size
-from ..errors import DeviceMapError
+from ..errors import DeviceMapError, DoesNotFitError
 from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
@@ -17,7 +18,7 @@ from .budgets import Budgets, balanced_targets, headroom, read_budgets
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
 from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
-from .units import UnitSpec, class_names, no_split_rule, plan_units
+from .units import NoSplitRule, UnitSpec, class_names, no_split_rule, plan_units
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
@@ -86,18 +87,17 @@ def plan_devices(
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    reserve_rule = ReserveRule(room, offload_buffers, 1 + depth)
-    placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-    streamed = _to_stream(model, units, placed, budgets.limits.get(main), main, reserve_rule)
-    if streamed:
-        units = plan_units(model, entries, rule, split=streamed)
-        placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-        notes += (f"streamed in pieces (too big for the room on {main}): "
-                  + ", ".join(sorted(repr(n) for n in streamed)),)
-    check_main_device(units, placed, budgets.limits.get(main), main, reserve_rule)
-    placed = fill(units, placed, budgets, targets, main, reserve_rule)
-    reserve = max(reserve_rule.need(offloaded(units, placed, main)), 0)
-    notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
+    placing = _Placing(model, entries, rule, budgets, targets, main)
+    try:
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1 + depth))
+    except DoesNotFitError:
+        if prefetch is not None or depth == 0:
+            raise
+        depth = 0  # the default read-ahead gives way where the room holds one unit at a time
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1))
+        said += (f"nothing is read ahead: the room on {main} holds one offloaded unit at a time",)
+    reserve = ReserveRule(room, offload_buffers, 1 + depth).need(offloaded(units, placed, main))
+    notes += said + (f"headroom for activations on {main} when offloading: {format_size(room)}",)
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
         reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
@@ -105,6 +105,33 @@ def plan_devices(
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
+
+
+@dataclass(frozen=True)
+class _Placing:
+    """Units onto tiers for one reserve rule: in order, then the units too big for the room on
+    the main device streamed in pieces, then room left filled from disk."""
+
+    model: nn.Module
+    entries: list
+    rule: NoSplitRule
+    budgets: Budgets
+    targets: Mapping[str, int]
+    main: str
+
+    def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
+        budget, said = self.budgets.limits.get(self.main), ()
+        units = plan_units(self.model, self.entries, self.rule)
+        placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+        streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
+        if streamed:
+            units = plan_units(self.model, self.entries, self.rule, split=streamed)
+            placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+            said = (f"streamed in pieces (too big for the room on {self.main}): "
+                    + ", ".join(sorted(repr(n) for n in streamed)),)
+        check_main_device(units, placed, budget, self.main, reserve_rule)
+        return units, fill(units, placed, self.budgets, self.targets, self.main,
+                           reserve_rule), said
 
 
 def _to_stream(
