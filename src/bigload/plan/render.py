@@ -1,19 +1,17 @@
-"""A plan as people read it (a table of runs, devices, the disk tier and the decisions) and as
-accelerate-style maps show it (prefixes merged where a module sits on one device)."""
+"""A plan as people read it: a table of runs, devices (with where each budget came from), the
+disk tier and the decisions."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..devices import DISK, format_size
 from ..errors import format_problems
-from .types import PlannedUnit, tier_key
+from .placements import tier_key
 
 if TYPE_CHECKING:
-    from .types import DevicePlan
-
-V = TypeVar("V")
+    from .types import DevicePlan, PlannedUnit
 
 
 def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
@@ -81,30 +79,3 @@ def _render_decisions(plan: DevicePlan) -> Iterator[str]:
     yield "decisions:"
     lines = [f"{u.name or '<whole model>'} → {u.placement}: {u.reason}" for u in [*starts, *ties]]
     yield format_problems(lines, limit=20)
-
-
-def merge_prefixes(mapping: Mapping[str, V], module_name: str = "") -> dict[str, V]:
-    """``mapping`` (fqn prefix → value) with the keys under each module that all hold one value
-    merged into the module's key; the order of first appearance is kept."""
-    prefix = f"{module_name}." if module_name else ""
-    inside = [(k, v) for k, v in mapping.items() if k == module_name or k.startswith(prefix)]
-    merged = iter(_merge(inside, module_name))
-    rebuilt: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if key == module_name or key.startswith(prefix):
-            rebuilt.update(merged)
-        else:
-            rebuilt[key] = value
-    return rebuilt
-
-
-def _merge(items: list[tuple[str, Any]], name: str) -> list[tuple[str, Any]]:
-    if len(items) <= 1:
-        return items
-    if all(value == items[0][1] for _, value in items):
-        return [(name, items[0][1])]
-    depth = name.count(".") + 1 if name else 0
-    groups: dict[str, list[tuple[str, Any]]] = {}
-    for key, value in items:
-        groups.setdefault(".".join(key.split(".")[: depth + 1]), []).append((key, value))
-    return [pair for child, group in groups.items() for pair in _merge(group, child)]
