@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import threading
 from pathlib import Path
 
 import torch
 
-from bigload.errors import CheckpointError, CorruptCheckpointError
+from bigload.errors import CheckpointChangedError, CheckpointError, CorruptCheckpointError
 
+from ._files import check_content, open_unchanged
+from ._safetensors import header_content_id
 from ._torch_pickle import load_state_dict
-from ._types import CheckpointIndex, TensorEntry
+from ._types import CheckpointIndex, FileIdentity, TensorEntry
 
 __all__ = ["CheckpointReader", "open_reader"]
 
@@ -26,6 +29,10 @@ class CheckpointReader:
     safetensors tensors are views of one ``mmap.ACCESS_COPY`` (MAP_PRIVATE) map per file: no
     copy, pages come from the page cache on first touch, and writing to a tensor never changes
     the file. ``mmap_for(file)`` hands out that map so offload code can ``madvise`` it.
+
+    Each file is checked when it is opened: a file whose size, mtime, inode or header differ from
+    what ``read_index`` recorded raises :class:`~bigload.errors.CheckpointChangedError` before
+    any of its tensors is served.
     """
 
     def __init__(self, index: CheckpointIndex):
@@ -93,13 +100,13 @@ class CheckpointReader:
         return raw.view(entry.dtype).view(entry.shape)
 
     def _torch_tensor(self, entry: TensorEntry) -> torch.Tensor:
-        state_dict = self._state_dict(entry.file)
-        if entry.name not in state_dict:
-            raise CorruptCheckpointError(
-                f"'{entry.name}' is no longer in '{entry.file}': the file changed since it was "
-                "indexed. Index it again."
+        tensor = self._state_dict(entry.file).get(entry.name)
+        if tensor is None or (tensor.dtype, tuple(tensor.shape)) != (entry.dtype, entry.shape):
+            raise CheckpointChangedError(
+                f"'{entry.name}' of '{entry.file}' is no longer the {entry.dtype} tensor of shape "
+                f"{entry.shape} that was indexed: the file changed. Call read_index again."
             )
-        return state_dict[entry.name].detach().contiguous()
+        return tensor.detach().contiguous()
 
     def _file_bytes(self, path: Path) -> torch.Tensor:
         data = self._bytes.get(path)
@@ -112,12 +119,31 @@ class CheckpointReader:
             return self._bytes[path]
 
     def _map(self, path: Path) -> torch.Tensor:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        expected = self._identity(path)
+        fd, st = open_unchanged(path, expected)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        try:
+            check_content(path, expected, header_content_id(mm, st.st_size) or "")
+        except CheckpointChangedError:
+            mm.close()
+            raise
         self._mmaps[path] = mm
         # torch.frombuffer releases its buffer export at once; the memoryview it keeps alive
         # holds one, so mm.close() raises BufferError instead of unmapping under a live tensor.
         return torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+
+    def _identity(self, path: Path) -> FileIdentity:
+        identity = self.index.identities.get(path)
+        if identity is None:
+            raise CheckpointError(
+                f"the index of checkpoint '{self.index.root}' does not record what '{path}' was "
+                "when it was indexed, so a changed file could not be told apart. Build indexes "
+                "with bigload.checkpoint.read_index."
+            )
+        return identity
 
     def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         state_dict = self._state_dicts.get(path)
@@ -126,7 +152,7 @@ class CheckpointReader:
         with self._lock:
             self._check_open()
             if path not in self._state_dicts:
-                self._state_dicts[path] = load_state_dict(path)[0]
+                self._state_dicts[path] = load_state_dict(path, self._identity(path))[0]
             return self._state_dicts[path]
 
     def _check_open(self) -> None:
