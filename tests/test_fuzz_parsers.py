@@ -42,8 +42,10 @@ from bigload.devices import (
 from bigload.errors import BigloadError
 from hostile import deadline, record, rezip
 
-# a mutated PROTO byte makes torch's unpickler warn before it refuses or reads the pickle
-pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+# a mutated PROTO byte makes torch's unpickler warn, a STRING opcode with a bad escape makes
+# pickletools warn (hidden by default), before the pickle is refused or read
+pytestmark = [pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning"),
+              pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")]
 DEADLINE_S = 20  # per example: far above any honest parse of these small inputs
 LONG = 10  # `-m fuzz` runs this many times the default examples
 
@@ -277,18 +279,36 @@ test_shard_index, test_shard_index_long = fuzz(300, text=shard_index())(_check_s
 
 
 # --- torch zips -----------------------------------------------------------------------------------
+# pickle pieces a state dict's data.pkl is made of, and some it never holds
+_OPCODES = [b"(", b"t", b"Q", b"R", b"s", b"u", b"}", b"]", b"a", b"e", b")", b"N", b"\x88",
+            b"\x89", b"\x85", b"\x86", b"\x87", b"0", b"2", b"b", b"h\x00", b"h\x01", b"q\x00",
+            b"q\x01", b"K\x00", b"K\x02", b"K\x08", b"J\xff\xff\xff\x7f", b"J\xff\xff\xff\xff",
+            b"\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x40", b"X\x01\x00\x00\x00w",
+            b"X\x07\x00\x00\x00storage", b"X\x01\x00\x00\x000", b"X\x03\x00\x00\x00cpu",
+            b"ctorch\nFloatStorage\n", b"ctorch\nLongStorage\n", b"ctorch\nbfloat16\n",
+            b"ctorch.storage\nUntypedStorage\n", b"ctorch._utils\n_rebuild_tensor_v2\n",
+            b"ctorch._utils\n_rebuild_tensor_v3\n", b"ctorch._utils\n_rebuild_parameter\n",
+            b"ctorch._tensor\n_rebuild_from_type_v2\n", b"ctorch\nTensor\n", b"ctorch\nSize\n",
+            b"ccollections\nOrderedDict\n", b"c_codecs\nencode\n", b"cbuiltins\nset\n",
+            b"\x94", b"\x95\x01\x00\x00\x00\x00\x00\x00\x00"]  # fmt: skip
+
+
 @st.composite
 def torch_zip(draw: st.DrawFn) -> bytes:
     """A real torch.save file mutated as bytes, or rebuilt with a mutated pickle, a record cut
     or grown, deflated records, or a storage's numel changed."""
     data = draw(st.sampled_from(TORCH_FILES))
-    kind = draw(st.sampled_from(["bytes", "pickle", "record", "deflate", "numel", "values"]))
+    kind = draw(st.sampled_from(["bytes", "pickle", "record", "deflate", "numel", "values",
+                                 "opcodes"]))  # fmt: skip
     method = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
     if kind == "bytes":
         return draw(mutated([data], header_bias=False))
     if kind == "pickle":
         pickled = draw(mutated([record(data, "data.pkl")], header_bias=False))
         return rezip(data, {"data.pkl": pickled}, method=method)
+    if kind == "opcodes":  # a pickle of state-dict pieces in any order, over the real records
+        pieces = draw(st.lists(st.sampled_from(_OPCODES), max_size=40))
+        return rezip(data, {"data.pkl": b"\x80\x02" + b"".join(pieces) + b"."}, method=method)
     if kind == "record":
         body = record(data, "data/0")
         cut = draw(st.integers(0, len(body) + 8))

@@ -185,6 +185,10 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
         return _bounded(_whole_bytes(Fraction(value), value, what), value, what)
     if not isinstance(value, str):
         raise SizeError(f"{what}: {_short(value)} ({type(value).__name__}) is not a size")
+    return _bounded(_parse_size_text(value, what), value, what)
+
+
+def _parse_size_text(value: str, what: str) -> int:
     match = _SIZE_RE.match(value)
     unit = (match.group(2) or "").lower() if match else None
     if match is not None and len(match.group(1)) > _MAX_DIGITS:
@@ -200,7 +204,7 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
     if size == 0 and exact > 0:
         raise SizeError(f"{what}: {_short(value)} is less than one byte; write a whole number "
                         "of bytes or a larger value such as '1KiB'")  # fmt: skip
-    return _bounded(size, value, what)
+    return size
 
 
 def _whole_bytes(exact: Fraction, given: object, what: str) -> int:

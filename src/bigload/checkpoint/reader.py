@@ -13,7 +13,7 @@ import torch
 
 from bigload.errors import CheckpointChangedError, CheckpointError, CorruptCheckpointError
 
-from ._files import check_content, open_unchanged
+from ._files import changed, check_content, open_unchanged
 from ._safetensors import header_content_id
 from ._torch_pickle import load_state_dict
 from ._types import CheckpointIndex, FileIdentity, TensorEntry
@@ -123,6 +123,8 @@ class CheckpointReader:
         fd, st = open_unchanged(path, expected)
         try:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as err:  # emptied since the fstat a moment ago
+            raise changed(path, [f"it cannot be mapped ({err})"]) from err
         finally:
             os.close(fd)
         try:
