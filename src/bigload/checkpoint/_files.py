@@ -4,6 +4,7 @@ to the files it read."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -86,7 +87,7 @@ def _reason(err: BaseException) -> str:
 
 def file_identity(st: os.stat_result, *header_parts: bytes) -> FileIdentity:
     """The identity of a file from its ``fstat`` and the header bytes that were read."""
-    return FileIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev,
+    return FileIdentity(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
                         content_id(st.st_size, *header_parts))  # fmt: skip
 
 
@@ -98,7 +99,7 @@ def content_id(size: int, *header_parts: bytes) -> str:
 
 
 def open_unchanged(path: Path, expected: FileIdentity) -> tuple[int, os.stat_result]:
-    """:func:`open_regular`, refusing a file whose size, mtime or inode differ from
+    """:func:`open_regular`, refusing a file whose size, times, inode or device differ from
     ``expected`` (the header is compared by the caller, who reads it)."""
     try:
         fd, st = open_regular(path)
@@ -106,7 +107,8 @@ def open_unchanged(path: Path, expected: FileIdentity) -> tuple[int, os.stat_res
         raise CheckpointChangedError(
             f"checkpoint file '{path}' was removed after it was indexed. {_AGAIN}"
         ) from err
-    found = FileIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, expected.content_id)
+    found = file_identity(st)
+    found = dataclasses.replace(found, content_id=expected.content_id)  # compared by the caller
     if found != expected:
         os.close(fd)
         raise changed(path, _differences(expected, found))
@@ -126,8 +128,8 @@ def changed(path: Path, differences: list[str]) -> CheckpointChangedError:
 
 
 def _differences(expected: FileIdentity, found: FileIdentity) -> list[str]:
-    names = {"size": "size", "mtime_ns": "modification time (ns)", "inode": "inode",
-             "device": "device"}  # fmt: skip
+    names = {"size": "size", "mtime_ns": "modification time (ns)",
+             "ctime_ns": "change time (ns)", "inode": "inode", "device": "device"}  # fmt: skip
     return [f"{label} {getattr(expected, field)} -> {getattr(found, field)}"
             for field, label in names.items()
             if getattr(expected, field) != getattr(found, field)]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import reprlib
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from bigload.errors import CorruptCheckpointError, format_problems
 
-from ._files import content_id, file_identity, open_regular
+from ._files import content_id, file_identity, open_regular, os_error
 from ._json import MAX_JSON_BYTES, JsonProblem, no_gc, parse_object
 from ._types import FileHeader, TensorEntry
 
@@ -38,8 +39,11 @@ def read_safetensors_header(path: Path) -> FileHeader:
     """Entries (absolute byte ranges, in file order) and ``__metadata__`` of one file, and the
     file's identity (stat and header bytes)."""
     fd, st = open_regular(path)
-    with open(fd, "rb") as f:
-        prefix, raw = _read_header(path, f, st.st_size)
+    try:
+        with open(fd, "rb") as f:
+            prefix, raw = _read_header(path, f, st.st_size)
+    except OSError as err:  # an I/O error while reading
+        raise os_error(path, err) from err
     header = _parse(path, raw)
     metadata = _metadata(path, header.pop("__metadata__", None))
     entries = _entries(path, header, 8 + len(raw), st.st_size)
@@ -47,13 +51,16 @@ def read_safetensors_header(path: Path) -> FileHeader:
                       identity=file_identity(st, prefix, raw))  # fmt: skip
 
 
-def header_content_id(data: memoryview | bytes, size: int) -> str | None:
-    """The ``content_id`` of the safetensors file whose first bytes are ``data`` (None when its
-    header length does not fit): what :func:`read_safetensors_header` recorded."""
-    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if length < 0 or length > MAX_HEADER_BYTES or 8 + length > len(data):
+def file_content_id(fd: int, size: int) -> str | None:
+    """The ``content_id`` :func:`read_safetensors_header` recorded, of the open file ``fd``
+    (None when its header length does not fit). Read with ``pread``, not through a map: pages
+    touched through a map stay mapped, and the kernel's read-around would map the first tensors
+    with the header, out of reach of the offload tier's page dropping."""
+    prefix = os.pread(fd, 8, 0)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
         return None
-    return content_id(size, bytes(data[:8]), bytes(data[8 : 8 + length]))
+    return content_id(size, prefix, os.pread(fd, length, 8))
 
 
 def _read_header(path: Path, f, size: int) -> tuple[bytes, bytes]:

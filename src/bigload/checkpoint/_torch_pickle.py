@@ -63,7 +63,11 @@ def load_state_dict(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The file's tensors (CPU; stored records are views of a private map) by name, and notes on
     what was unwrapped or skipped. With ``expected``, only if the file is still that one."""
-    return _state_dict(open_archive(path, expected), with_data=True)
+    archive = open_archive(path, expected)
+    try:
+        return _state_dict(archive, with_data=True)
+    finally:
+        archive.close()  # the map stays while the tensors view it
 
 
 def _state_dict(

@@ -14,12 +14,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from bigload.errors import CorruptCheckpointError
 
-from ._files import check_content, file_identity, open_regular, open_unchanged
+from ._files import check_content, file_identity, open_regular, open_unchanged, os_error
 from ._types import FileIdentity
 
 _LOCAL = struct.Struct("<4s5H3L2H")  # a zip local file header (30 bytes)
@@ -47,14 +48,15 @@ class Record:
 
 
 class TorchArchive:
-    """One torch zip file, mapped copy-on-write and checked. Storages of stored records are
-    zero-copy views of the map (they keep it alive); deflated ones are decompressed copies."""
+    """One torch zip file, checked; read through its file, and mapped copy-on-write only when a
+    stored record's storage is asked for. Those storages are zero-copy views of the map (they
+    keep it alive); deflated records are decompressed copies. ``close`` after unpickling."""
 
-    def __init__(self, path: Path, mm: mmap.mmap, identity: FileIdentity, zf: zipfile.ZipFile):
+    def __init__(self, path: Path, f: BinaryIO, identity: FileIdentity, zf: zipfile.ZipFile):
         self.path, self.identity = path, identity
-        self._mm, self._zf = mm, zf
+        self._file, self._zf = f, zf
         self._base: torch.UntypedStorage | None = None
-        self.prefix, self.records = _records(path, zf, mm)
+        self.prefix, self.records = _records(path, zf, f.fileno())
 
     def record(self, name: str) -> Record | None:
         """The record ``name`` under the archive's folder (``"data.pkl"``, ``"data/0"``)."""
@@ -76,60 +78,48 @@ class TorchArchive:
             return torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
         if self._base is None:
             # the memoryview a tensor keeps holds the map open while any view of it lives
-            base = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
+            base = torch.frombuffer(memoryview(_map(self.path, self._file)), dtype=torch.uint8)
             self._base = base.untyped_storage()
         return self._base[record.start : record.start + record.size]
 
     def close(self) -> None:
-        """Release the map unless storages still view it (then it goes with the last one)."""
+        """Close the file; the map (if any) goes with the last storage that views it."""
         self._zf.close()
+        self._file.close()
         self._base = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
 
 
 def open_archive(path: Path, expected: FileIdentity | None = None) -> TorchArchive:
     """The checked archive at ``path``; with ``expected``, refused unless it is still the file
     that was indexed (stat and central directory)."""
     fd, st = open_regular(path) if expected is None else open_unchanged(path, expected)
+    f = os.fdopen(fd, "rb")
     try:
-        mm = _map(path, fd, st.st_size)
-    finally:
-        os.close(fd)
-    zf = _zipfile(path, mm)
-    found = file_identity(st, mm[zf.start_dir :])
-    if expected is not None:
-        check_content(path, expected, found.content_id)
-    return TorchArchive(path, mm, found, zf)
+        zf = _zipfile(path, f, st.st_size)
+        found = file_identity(st, os.pread(fd, st.st_size - zf.start_dir, zf.start_dir))
+        if expected is not None:
+            check_content(path, expected, found.content_id)
+        return TorchArchive(path, f, found, zf)
+    except OSError as err:  # an I/O error while reading the directory or a local header
+        f.close()
+        raise os_error(path, err) from err
+    except BaseException:
+        f.close()
+        raise
 
 
-def _map(path: Path, fd: int, size: int) -> mmap.mmap:
-    if size == 0:
-        raise corrupt(path, "the file is empty")
+def _map(path: Path, f: BinaryIO) -> mmap.mmap:
     try:
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as err:
         raise corrupt(path, f"it cannot be mapped ({err})") from err
 
 
-class _MapFile:
-    """An mmap as the seekable file zipfile expects (``mmap.seekable`` arrived in Python 3.13)."""
-
-    def __init__(self, mm: mmap.mmap):
-        self._mm = mm
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._mm, name)
-
-    def seekable(self) -> bool:
-        return True
-
-
-def _zipfile(path: Path, mm: mmap.mmap) -> zipfile.ZipFile:
+def _zipfile(path: Path, f: BinaryIO, size: int) -> zipfile.ZipFile:
+    if size == 0:
+        raise corrupt(path, "the file is empty")
     try:
-        return zipfile.ZipFile(_MapFile(mm))  # type: ignore[arg-type]
+        return zipfile.ZipFile(f)
     except ZIP_ERRORS as err:
         raise CorruptCheckpointError(
             f"torch file '{path}' is not a zip checkpoint of torch.save (torch >= 1.6): it is "
@@ -138,7 +128,7 @@ def _zipfile(path: Path, mm: mmap.mmap) -> zipfile.ZipFile:
         ) from err
 
 
-def _records(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap) -> tuple[str, dict[str, Record]]:
+def _records(path: Path, zf: zipfile.ZipFile, fd: int) -> tuple[str, dict[str, Record]]:
     """The archive's folder name and its records, every one checked against the file."""
     infos = zf.infolist()
     names = [info.filename for info in infos]
@@ -149,23 +139,24 @@ def _records(path: Path, zf: zipfile.ZipFile, mm: mmap.mmap) -> tuple[str, dict[
         f"{prefix}/data.pkl" not in names
     ):
         raise corrupt(path, f"its records are not one folder holding '{prefix}/data.pkl'")
-    records = {info.filename: _record(path, info, mm, zf.start_dir) for info in infos}
+    records = {info.filename: _record(path, info, fd, zf.start_dir) for info in infos}
     _check_disjoint(path, infos, records)
     return prefix, records
 
 
-def _record(path: Path, info: zipfile.ZipInfo, mm: mmap.mmap, end: int) -> Record:
+def _record(path: Path, info: zipfile.ZipInfo, fd: int, end: int) -> Record:
     """``info`` checked against its local header: method, name, and bytes inside the file."""
     method = _METHODS.get(info.compress_type)
     if method is None or info.flag_bits & 0x1:
         raise corrupt(path, f"record '{info.filename}' is encrypted or compressed with method "
                             f"{info.compress_type} (torch reads stored or deflated records)")
     at = info.header_offset
-    if at < 0 or at + _LOCAL.size > end:
+    local = os.pread(fd, _LOCAL.size, at) if 0 <= at <= end - _LOCAL.size else b""
+    if len(local) != _LOCAL.size:
         raise corrupt(path, f"record '{info.filename}' starts past the end of its data")
-    magic, _, _, local_method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(mm, at)
+    magic, _, _, local_method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack(local)
     start = at + _LOCAL.size + name_len + extra_len
-    raw_name = mm[at + _LOCAL.size : at + _LOCAL.size + name_len]
+    raw_name = os.pread(fd, name_len, at + _LOCAL.size)
     if magic != _LOCAL_MAGIC or local_method != info.compress_type or raw_name != _raw_name(info):
         raise corrupt(path, f"the local header of record '{info.filename}' does not match "
                             "the zip directory")  # fmt: skip

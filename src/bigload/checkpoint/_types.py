@@ -44,11 +44,14 @@ class FileIdentity:
     ``content_id`` identifies the content by what was read, not by file-system metadata: the
     sha256 of the file's size and its header bytes (the safetensors header; for a torch zip, its
     central directory, which holds every record's CRC-32). A copy made with ``cp -p`` or
-    ``rsync -t`` keeps size and mtime, not a ``content_id`` of other content.
+    ``rsync -t`` keeps size and mtime, not a ``content_id`` of other content. ``ctime_ns``
+    changes on every write (and ``utime``, ``chmod``) and cannot be set by users: a rewrite that
+    restores the mtime and keeps the header still differs in it.
     """
 
     size: int
     mtime_ns: int
+    ctime_ns: int
     inode: int
     device: int
     content_id: str

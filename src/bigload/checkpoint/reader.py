@@ -13,8 +13,8 @@ import torch
 
 from bigload.errors import CheckpointChangedError, CheckpointError, CorruptCheckpointError
 
-from ._files import changed, check_content, open_unchanged
-from ._safetensors import header_content_id
+from ._files import changed, check_content, open_regular, open_unchanged, os_error
+from ._safetensors import file_content_id
 from ._torch_pickle import load_state_dict
 from ._types import CheckpointIndex, FileIdentity, TensorEntry
 
@@ -30,9 +30,9 @@ class CheckpointReader:
     copy, pages come from the page cache on first touch, and writing to a tensor never changes
     the file. ``mmap_for(file)`` hands out that map so offload code can ``madvise`` it.
 
-    Each file is checked when it is opened: a file whose size, mtime, inode or header differ from
-    what ``read_index`` recorded raises :class:`~bigload.errors.CheckpointChangedError` before
-    any of its tensors is served.
+    Each file is checked when it is opened: a file whose size, times, inode or header differ
+    from what ``read_index`` recorded (``index.identities``) raises
+    :class:`~bigload.errors.CheckpointChangedError` before any of its tensors is served.
     """
 
     def __init__(self, index: CheckpointIndex):
@@ -119,33 +119,17 @@ class CheckpointReader:
             return self._bytes[path]
 
     def _map(self, path: Path) -> torch.Tensor:
-        expected = self._identity(path)
-        fd, st = open_unchanged(path, expected)
+        fd = _open_checked(path, self.index.identities.get(path))
         try:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as err:  # emptied since the fstat a moment ago
             raise changed(path, [f"it cannot be mapped ({err})"]) from err
         finally:
             os.close(fd)
-        try:
-            check_content(path, expected, header_content_id(mm, st.st_size) or "")
-        except CheckpointChangedError:
-            mm.close()
-            raise
         self._mmaps[path] = mm
         # torch.frombuffer releases its buffer export at once; the memoryview it keeps alive
         # holds one, so mm.close() raises BufferError instead of unmapping under a live tensor.
         return torch.frombuffer(memoryview(mm), dtype=torch.uint8)
-
-    def _identity(self, path: Path) -> FileIdentity:
-        identity = self.index.identities.get(path)
-        if identity is None:
-            raise CheckpointError(
-                f"the index of checkpoint '{self.index.root}' does not record what '{path}' was "
-                "when it was indexed, so a changed file could not be told apart. Build indexes "
-                "with bigload.checkpoint.read_index."
-            )
-        return identity
 
     def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         state_dict = self._state_dicts.get(path)
@@ -154,7 +138,8 @@ class CheckpointReader:
         with self._lock:
             self._check_open()
             if path not in self._state_dicts:
-                self._state_dicts[path] = load_state_dict(path, self._identity(path))[0]
+                expected = self.index.identities.get(path)
+                self._state_dicts[path] = load_state_dict(path, expected)[0]
             return self._state_dicts[path]
 
     def _check_open(self) -> None:
@@ -163,6 +148,25 @@ class CheckpointReader:
                 f"the reader of checkpoint '{self.index.root}' is closed; open a new "
                 "CheckpointReader."
             )
+
+
+def _open_checked(path: Path, expected: FileIdentity | None) -> int:
+    """A descriptor of safetensors ``path``, refused if the file is no longer ``expected``
+    (stat, then header). An index built by hand records no identities (e.g. of offload packs
+    bigload wrote a moment ago): its files are opened unchecked."""
+    if expected is None:
+        logger.debug("'%s': the index records no identity; opened without a check", path)
+        return open_regular(path)[0]
+    fd, st = open_unchanged(path, expected)
+    try:
+        check_content(path, expected, file_content_id(fd, st.st_size) or "")
+    except OSError as err:  # an I/O error while reading the header
+        os.close(fd)
+        raise os_error(path, err) from err
+    except CheckpointChangedError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _close_quietly(path: Path, mm: mmap.mmap) -> None:
