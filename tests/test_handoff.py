@@ -136,3 +136,24 @@ def test_emptying_a_tensor_keeps_other_references_data():
     set_module_tensor_to_device(lin, "weight", "meta")
     assert lin.weight.is_meta
     assert not stash.is_meta and torch.equal(stash, before)
+
+
+def test_a_loaded_model_saves_each_tensor_once(tmp_path):
+    import io
+
+    from safetensors.torch import load_file, save_model
+
+    torch.manual_seed(0)
+    eager = NestedBlocksModel(n=32).eval()
+    save_file(eager.state_dict(), tmp_path / "model.safetensors")
+    model = bigload.load_checkpoint_and_dispatch(
+        skeleton(NestedBlocksModel, n=32), tmp_path,
+        device_map={"embed": "cpu", "layers": "disk", "norm": "cpu"})
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in eager.state_dict().values())
+    assert len(buffer.getvalue()) < 1.2 * tensor_bytes  # not the mapped file once per tensor
+    save_model(model, tmp_path / "again.safetensors")  # refuses tensors sharing a storage
+    again = load_file(tmp_path / "again.safetensors")
+    for name, value in eager.state_dict().items():
+        assert torch.equal(again[name], value), name

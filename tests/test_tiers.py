@@ -222,3 +222,15 @@ def test_room_left_after_the_in_order_pass_is_filled():
                           "units.3": "cpu"}
     assert "filled back from disk" in plan.units[3].reason
     assert plan.bytes_per_device["cpu"] + plan.reserve_bytes <= 46
+
+
+def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager):
+    from bigload.errors import CheckpointChangedError
+
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+    torch.manual_seed(1)
+    replaced = ckpt.with_suffix(".new")
+    save_file(NestedBlocksModel(n=64).state_dict(), replaced)
+    os.replace(replaced, ckpt)  # a re-download or a save_pretrained into the same folder
+    with torch.no_grad(), pytest.raises(CheckpointChangedError, match=str(ckpt.name)):
+        model(torch.randn(2, 64))

@@ -276,7 +276,8 @@ def _place_disk(jobs, converted, reader, loaded, journal, bar) -> None:  # noqa:
         if item is None:  # zero-copy: a view of the checkpoint's own file
             entry = reader.index.entries[job.key]
             item = StoredTensor(job.tensor.fqn, reader.get(job.key).data, "disk",
-                                reader.mmap_for(entry.file), entry.byte_range, file=entry.file)
+                                reader.mmap_for(entry.file), entry.byte_range, file=entry.file,
+                                identity=reader.index.identities.get(entry.file))
             loaded.report.zero_copy += 1
         loaded.store.add(item)
         journal.replace(job.tensor.slot, item.tensor)
@@ -311,7 +312,8 @@ def _read_one(
     if target.type == "cpu" and entry.dtype == job.dtype and entry.byte_range is not None:
         # the CPU tier is resident: read into memory of its own (the page cache is dropped
         # behind the read), never a view of the file that a streaming disk tier could evict
-        return read_resident(entry, pin=pin), entry.dtype, False
+        identity = reader.index.identities.get(entry.file)
+        return read_resident(entry, identity, pin=pin), entry.dtype, False
     value = reader.get(job.key)  # type: ignore[arg-type]
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)

@@ -40,7 +40,7 @@ class CheckpointReader:
         self._lock = threading.Lock()
         self._closed = False
         self._mmaps: dict[Path, mmap.mmap] = {}
-        self._bytes: dict[Path, torch.Tensor] = {}  # one uint8 tensor over each whole map
+        self._bytes: dict[Path, memoryview] = {}  # one view of each whole map
         self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
 
     def __enter__(self) -> CheckpointReader:
@@ -89,12 +89,14 @@ class CheckpointReader:
         if entry.numel == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         data = self._file_bytes(entry.file)
-        if end > data.numel():
+        if end > len(data):
             raise CorruptCheckpointError(
                 f"'{entry.name}' ends at byte {end} of '{entry.file}', which now has "
-                f"{data.numel()} bytes: the file changed since it was indexed. Index it again."
+                f"{len(data)} bytes: the file changed since it was indexed. Index it again."
             )
-        raw = data[start:end]
+        # a storage of its own over exactly its bytes (still zero-copy): saving a loaded model
+        # (torch.save, safetensors) writes each tensor's bytes, not the whole mapped file
+        raw = torch.frombuffer(data[start:end], dtype=torch.uint8)
         if start % entry.dtype.itemsize:
             raw = raw.clone()  # a misaligned start cannot be viewed as `dtype`
         return raw.view(entry.dtype).view(entry.shape)
@@ -108,7 +110,7 @@ class CheckpointReader:
             )
         return tensor.detach().contiguous()
 
-    def _file_bytes(self, path: Path) -> torch.Tensor:
+    def _file_bytes(self, path: Path) -> memoryview:
         data = self._bytes.get(path)
         if data is not None:
             return data
@@ -118,7 +120,7 @@ class CheckpointReader:
                 self._bytes[path] = self._map(path)
             return self._bytes[path]
 
-    def _map(self, path: Path) -> torch.Tensor:
+    def _map(self, path: Path) -> memoryview:
         fd = _open_checked(path, self.index.identities.get(path))
         try:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
@@ -127,9 +129,9 @@ class CheckpointReader:
         finally:
             os.close(fd)
         self._mmaps[path] = mm
-        # torch.frombuffer releases its buffer export at once; the memoryview it keeps alive
-        # holds one, so mm.close() raises BufferError instead of unmapping under a live tensor.
-        return torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+        # each tensor's torch.frombuffer keeps a slice of this view alive, which holds a buffer
+        # export: mm.close() raises BufferError instead of unmapping under a live tensor.
+        return memoryview(mm)
 
     def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         state_dict = self._state_dicts.get(path)

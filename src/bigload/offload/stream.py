@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import FileIdentity, open_unchanged
 from ..errors import CheckpointChangedError
 from .store import StoredTensor
 
@@ -34,12 +35,14 @@ READ_WORKERS = 4
 
 @dataclass(frozen=True)
 class _Span:
-    """One read: ``length`` bytes of ``file`` at ``offset`` into the buffer at ``at``."""
+    """One read: ``length`` bytes of ``file`` at ``offset`` into the buffer at ``at``; the file
+    must still be what ``identity`` says."""
 
     file: Path
     offset: int
     length: int
     at: int
+    identity: FileIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ def layout(items: Sequence[StoredTensor]) -> _Layout:
     """Aligned reads covering every item (adjacent items in a file merged into one read)."""
     ranges = sorted(((i.file, i.byte_range[0], i.byte_range[1], i.fqn) for i in items
                      if i.file is not None and i.byte_range is not None), key=lambda r: r[:2])
+    identity = {i.file: i.identity for i in items}
     spans: list[_Span] = []
     starts: dict[str, int] = {}
     at = 0
@@ -64,11 +68,11 @@ def layout(items: Sequence[StoredTensor]) -> _Layout:
         current = spans[-1] if spans else None
         if current and current.file == file and first <= current.offset + current.length:
             grown = max(current.offset + current.length, last) - current.offset
-            spans[-1] = _Span(file, current.offset, grown, current.at)
+            spans[-1] = _Span(file, current.offset, grown, current.at, identity[file])
             at = current.at + grown
             starts[fqn] = current.at + (start - current.offset)
             continue
-        spans.append(_Span(file, first, last - first, at))
+        spans.append(_Span(file, first, last - first, at, identity[file]))
         starts[fqn] = at + (start - first)
         at += last - first
     return _Layout(tuple(spans), starts, at)
@@ -167,17 +171,19 @@ class Streamer:
         length = min(CHUNK, span.length - offset)
         target = memoryview(buffer[span.at + offset:span.at + offset + length].numpy())
         position = span.offset + offset
-        done = _read_at(span.file, target, position)
+        done = _read_at(span.file, span.identity, target, position)
         if done < length and position + done < span.file.stat().st_size:
             raise CheckpointChangedError(
                 f"'{span.file}' returned {done} of {length} bytes at offset {position}: the "
                 "file changed since it was indexed. Load the model again.")
 
 
-def _read_at(file: Path, target: memoryview, offset: int, *, drop: bool = True) -> int:
-    """Read into ``target`` from ``offset`` of ``file`` until full or end of file; the pages the
-    read brought into the page cache are dropped unless ``drop=False``."""
-    fd = os.open(file, os.O_RDONLY)
+def _read_at(file: Path, identity: FileIdentity | None, target: memoryview, offset: int, *,
+             drop: bool = True) -> int:
+    """Read into ``target`` from ``offset`` of ``file`` until full or end of file, refusing a file
+    that is no longer the one indexed (``identity``); the pages the read brought into the page
+    cache are dropped unless ``drop=False``."""
+    fd = open_unchanged(file, identity)[0] if identity is not None else os.open(file, os.O_RDONLY)
     try:
         done = _read_fully(fd, target, offset)
         if drop:
@@ -204,16 +210,17 @@ def _view(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
     return raw.view(like.dtype).view(like.shape)
 
 
-def read_resident(entry: Any, *, pin: bool = False) -> torch.Tensor:
+def read_resident(entry: Any, identity: FileIdentity | None = None, *,
+                  pin: bool = False) -> torch.Tensor:
     """The tensor of checkpoint ``entry`` (safetensors: ``file``, ``byte_range``, ``dtype``,
-    ``shape``) read into memory of its own, in chunks. The page cache is left as it is: it is
-    reclaimable, and warm for the next load."""
+    ``shape``) read into memory of its own, in chunks, from the file ``identity`` describes. The
+    page cache is left as it is: it is reclaimable, and warm for the next load."""
     start, end = entry.byte_range
     raw = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
     target = memoryview(raw.numpy())
     for offset in range(0, end - start, CHUNK):
         piece = target[offset:offset + CHUNK]
-        if _read_at(Path(entry.file), piece, start + offset, drop=False) < len(piece):
+        if _read_at(Path(entry.file), identity, piece, start + offset, drop=False) < len(piece):
             raise CheckpointChangedError(
                 f"'{entry.file}' ended before byte {end} of {entry.name!r}: the file changed "
                 "since it was indexed. Load the model again.")
