@@ -198,7 +198,10 @@ def test_plan_with_disk_matches_the_plan_load_makes(
 
     code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET)
     assert code == 0
-    assert "LlamaForCausalLM" in out and "| disk |" in out and "| cpu |" in out
+    assert "LlamaForCausalLM" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("cpu ", "disk "))}
+    assert rows["cpu"][1:3] == ["1", "2.6"] and rows["disk"][1] == "5"
     code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET, "--json")
     plan = DevicePlan.from_json(out)
     assert {u.placement for u in plan.units} == {"cpu", "disk"}
