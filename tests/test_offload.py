@@ -1,12 +1,13 @@
 """Offloaded weights: disk tensors served from the checkpoint's own safetensors files (nothing
-written), a fingerprinted offload folder written once when a conversion is needed and reused
-after, foreign or half-written folders refused, and pages fetched ahead / released after use."""
+written); conversions written once into packs of the offload folder and reused by every later
+load that needs them, other files left alone; pages fetched ahead / released after use.
+Faults and concurrency of offload folders: test_offload_folder.py."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
+import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import bigload.offload.folder as folder_module
 from bigload import disk_offload, init_empty_weights, load_checkpoint_and_dispatch
 from bigload.checkpoint import CheckpointReader, read_index
 from bigload.errors import OffloadError
-from bigload.offload import FINGERPRINT_FILE, OffloadStore, stored_views
+from bigload.offload import MANIFEST_FILE, OffloadStore, stored_views
+from bigload.offload.packs import read_pack
 from conftest import ChainModel, NestedBlocksModel, all_tensors
 
 DISK_LAYERS = {"embed": "cpu", "layers": "disk", "norm": "cpu"}
@@ -37,6 +39,18 @@ def tree(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` with its size and mtime: to show a folder was left alone."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def packs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("bigload-pack-*.pack")) if folder.exists() else []
+
+
+def snapshot_of_packs(snapshot: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return {n: v for n, v in snapshot.items() if n.startswith("bigload-pack-")}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -94,10 +108,9 @@ def test_disk_weights_are_views_of_the_checkpoint_file(fp32_file):
     assert all(t.device.type == "cpu" for t in all_tensors(model).values())
 
 
-# --- a conversion: written once, fingerprinted, reused --------------------------------------------
+# --- a conversion: written once into a pack, reused ---------------------------------------------
 
-def test_dtype_mismatch_writes_a_fingerprinted_folder_once_and_reuses_it(tmp_path, bf16_file,
-                                                                          eager, x):
+def test_dtype_mismatch_converts_once_into_a_pack_and_reuses_it(tmp_path, bf16_file, eager, x):
     folder = tmp_path / "offload"
     first = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                          offload_folder=folder)
@@ -105,9 +118,9 @@ def test_dtype_mismatch_writes_a_fingerprinted_folder_once_and_reuses_it(tmp_pat
     n_disk = sum(1 for k in eager.state_dict() if k.startswith("layers."))
     assert written >= n_disk * 4  # fp32 bytes of the converted tensors (plus a header)
     assert first.bigload_report.offload_folder == str(folder.resolve())
-    assert (folder / FINGERPRINT_FILE).is_file()
-    marker = json.loads((folder / FINGERPRINT_FILE).read_text())
-    assert marker["tensors"] == n_disk and len(marker["fingerprint"]) == 64
+    [pack] = packs(folder)
+    assert pack.stat().st_size == written
+    assert len(read_pack(pack).index.entries) == n_disk
     assert first.layers[0].mlp[0].weight.dtype == torch.float32
     reference = eager_from_bf16(eager)
     assert torch.equal(first(x), reference(x))
@@ -116,9 +129,9 @@ def test_dtype_mismatch_writes_a_fingerprinted_folder_once_and_reuses_it(tmp_pat
     second = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                           offload_folder=folder)
     assert second.bigload_report.bytes_written == 0
-    assert tree(folder) == snapshot
+    assert packs(folder) == [pack] and tree(folder)[pack.name] == snapshot[pack.name]
     assert torch.equal(second(x), reference(x))
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_conversion_without_an_offload_folder_is_refused_before_loading(bf16_file):
@@ -129,71 +142,106 @@ def test_conversion_without_an_offload_folder_is_refused_before_loading(bf16_fil
     assert all_meta(model)
 
 
-def test_a_folder_holding_other_weights_is_refused_and_left_untouched(tmp_path, bf16_file):
+def test_another_model_of_the_same_checkpoint_reuses_the_tensors_it_shares(tmp_path, bf16_file,
+                                                                           eager, x):
     folder = tmp_path / "offload"
     load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                  offload_folder=folder)
     snapshot = tree(folder)
-    other = skeleton(NestedBlocksModel, depth=2)  # another model: fewer, other tensors
-    with pytest.raises(OffloadError, match=str(folder.resolve())):
-        load_checkpoint_and_dispatch(other, bf16_file, device_map=DISK_LAYERS,
-                                     offload_folder=folder, unexpected="ignore")
-    assert tree(folder) == snapshot
-    assert all_meta(other)
+    other = load_checkpoint_and_dispatch(skeleton(NestedBlocksModel, depth=2), bf16_file,
+                                         device_map=DISK_LAYERS, offload_folder=folder,
+                                         unexpected="ignore")
+    assert other.bigload_report.bytes_written == 0  # layers 0 and 1 are already there
+    assert snapshot_of_packs(tree(folder)) == snapshot_of_packs(snapshot)
+    reference = NestedBlocksModel(depth=2).eval()
+    reference.load_state_dict({k: v for k, v in eager_from_bf16(eager).state_dict().items()
+                               if not k.startswith("layers.2.")})
+    assert torch.equal(other(x), reference(x))
 
 
-def test_the_same_model_at_another_dtype_is_refused(tmp_path, bf16_file):
+def test_another_dtype_adds_a_pack_and_leaves_the_first_unchanged(tmp_path, bf16_file, eager, x):
     folder = tmp_path / "offload"
-    load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
-                                 offload_folder=folder)
-    snapshot = tree(folder)
-    model = skeleton()
-    with pytest.raises(OffloadError, match="other weights"):
-        load_checkpoint_and_dispatch(model, bf16_file, device_map=DISK_LAYERS,
-                                     offload_folder=folder, dtype=torch.float16)
-    assert tree(folder) == snapshot
-    assert all_meta(model)
+    first = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
+                                         offload_folder=folder)
+    [pack] = packs(folder)
+    digest = sha256(pack)
+    half = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
+                                        offload_folder=folder, dtype=torch.float16)
+    assert half.bigload_report.bytes_written > 0
+    assert len(packs(folder)) == 2 and sha256(pack) == digest
+    assert half.layers[0].mlp[0].weight.dtype == torch.float16
+    reference = eager_from_bf16(eager)
+    assert torch.equal(first(x), reference(x))
+    expected = reference.half()(x.half())
+    assert torch.equal(half(x.half()), expected)
 
 
-def test_a_folder_of_unknown_files_is_refused(tmp_path, bf16_file):
+def test_unrelated_files_in_the_folder_are_never_read_changed_or_removed(tmp_path, bf16_file,
+                                                                          eager, x):
     folder = tmp_path / "offload"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(OffloadError, match="did not write completely"):
-        load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
-                                     offload_folder=folder)
-    assert tree(folder) == {"notes.txt": tree(folder)["notes.txt"]}
+    (folder / "sub").mkdir()
+    (folder / "sub" / "data.bin").write_bytes(b"\0" * 10)
+    (folder / "other.safetensors").write_bytes(b"not a checkpoint")
+    (folder / ".bigload-pack-mine.tmp").write_text("not bigload's naming")
+    before = tree(folder)
+    model = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
+                                         offload_folder=folder)
+    assert torch.equal(model(x), eager_from_bf16(eager)(x))
+    after = tree(folder)
+    assert {k: after[k] for k in before} == before
     assert (folder / "notes.txt").read_text() == "mine"
 
 
-def test_a_failed_conversion_leaves_nothing_that_looks_complete(tmp_path, bf16_file, eager, x,
-                                                                  monkeypatch):
-    real_write = folder_module.write_folder
+def test_the_checkpoints_own_folder_can_be_its_offload_folder(tmp_path, eager, x):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save(eager.state_dict(), folder / "pt_model.bin")  # as accelerate's tests do
+    (folder / "config.json").write_text("{}")
+    model = load_checkpoint_and_dispatch(skeleton(), folder / "pt_model.bin",
+                                         device_map=DISK_LAYERS, offload_folder=folder)
+    assert model.bigload_report.bytes_written > 0 and len(packs(folder)) == 1
+    assert torch.equal(model(x), eager(x))
+    assert read_index(folder).files == (folder.resolve() / "pt_model.bin",)  # packs are not weights
+    again = load_checkpoint_and_dispatch(skeleton(), folder, device_map=DISK_LAYERS,
+                                         offload_folder=folder)
+    assert again.bigload_report.bytes_written == 0
+    assert torch.equal(again(x), eager(x))
 
-    def failing_write(folder, items, fingerprint_value):
-        calls = []
 
-        def failing(item):
-            def produce():
-                calls.append(item.name)
-                if len(calls) == 5:
-                    raise OSError("No space left on device")
-                return item.produce()
+def test_packs_in_a_folder_of_loose_safetensors_files_are_not_read_as_weights(tmp_path, eager):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({k: v.bfloat16() for k, v in eager.state_dict().items()}, folder / "w.safetensors")
+    load_checkpoint_and_dispatch(skeleton(), folder, device_map=DISK_LAYERS,
+                                 offload_folder=folder)
+    assert packs(folder)
+    assert read_index(folder).files == (folder.resolve() / "w.safetensors",)
 
-            return dataclasses.replace(item, produce=produce)
 
-        return real_write(folder, [failing(i) for i in items], fingerprint_value)
+def test_a_failed_conversion_leaves_no_pack_and_the_model_untouched(tmp_path, bf16_file, eager,
+                                                                     x, monkeypatch):
+    real_produce = folder_module._produce
+    calls = []
 
-    monkeypatch.setattr(folder_module, "write_folder", failing_write)
+    def failing(item, digests):
+        calls.append(item.name)
+        if len(calls) == 5:
+            raise RuntimeError("the source could not be read")
+        return real_produce(item, digests)
+
+    monkeypatch.setattr(folder_module, "_produce", failing)
     folder = tmp_path / "offload"
-    with pytest.raises(OSError, match="No space left"):
-        load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
+    model = skeleton()
+    with pytest.raises(RuntimeError, match="could not be read"):
+        load_checkpoint_and_dispatch(model, bf16_file, device_map=DISK_LAYERS,
                                      offload_folder=folder)
-    assert not (folder / FINGERPRINT_FILE).exists()
-    assert not folder.exists() or not any(folder.iterdir())
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert all_meta(model)
+    assert not packs(folder)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
-    monkeypatch.setattr(folder_module, "write_folder", real_write)  # the retry works
+    monkeypatch.setattr(folder_module, "_produce", real_produce)  # the retry works
     model = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                          offload_folder=folder)
     assert model.bigload_report.bytes_written > 0
@@ -206,24 +254,29 @@ def test_disk_offload_of_a_model_in_memory_round_trips(tmp_path, eager, x):
     model = copy.deepcopy(eager)
     expected = eager(x)
     disk_offload(model, tmp_path / "offload", execution_device="cpu")
-    assert (tmp_path / "offload" / FINGERPRINT_FILE).is_file()
     assert torch.equal(model(x), expected)
-    size = (tmp_path / "offload" / "offload.safetensors").stat().st_size
-    assert {p.untyped_storage().nbytes() for p in model.parameters()} == {size}
+    [pack] = packs(tmp_path / "offload")
+    assert {p.untyped_storage().nbytes() for p in model.parameters()} == {pack.stat().st_size}
 
 
-def test_disk_offload_refuses_a_folder_of_another_models_weights(tmp_path, x):
+def test_disk_offload_of_other_weights_adds_a_pack_and_of_the_same_reuses(tmp_path, x):
     torch.manual_seed(0)
     first = NestedBlocksModel().eval()
     torch.manual_seed(1)
     second = NestedBlocksModel().eval()
-    expected = second(x)
-    disk_offload(first, tmp_path / "offload", execution_device="cpu")
-    try:
-        disk_offload(second, tmp_path / "offload", execution_device="cpu")
-    except OffloadError:
-        return  # refused: fine
-    assert torch.equal(second(x), expected)  # or reused only if it really holds these weights
+    copied = copy.deepcopy(first)
+    expected_first, expected_second = first(x), second(x)
+    folder = tmp_path / "offload"
+    disk_offload(first, folder, execution_device="cpu")
+    [pack] = packs(folder)
+    digest = sha256(pack)
+    disk_offload(second, folder, execution_device="cpu")
+    assert len(packs(folder)) == 2 and sha256(pack) == digest
+    assert torch.equal(first(x), expected_first)
+    assert torch.equal(second(x), expected_second)
+    disk_offload(copied, folder, execution_device="cpu")  # the same values: nothing new
+    assert len(packs(folder)) == 2
+    assert torch.equal(copied(x), expected_first)
 
 
 # --- prefetch and release ----------------------------------------------------------------------
@@ -274,14 +327,15 @@ def _run_chain(chain_file, spy, **kwargs) -> None:
     assert torch.equal(model(inputs), eager(inputs))
 
 
-def test_on_the_cpu_nothing_is_fetched_ahead_by_default_and_each_unit_is_released(
-    chain_file, spy
-):
+def test_by_default_one_unit_is_fetched_ahead_and_each_unit_is_released(chain_file, spy):
     _run_chain(chain_file, spy)
-    assert [kind for kind, _ in spy if kind == "prefetch"] == []
-    releases = [_unit(f) for kind, f in spy if kind == "release"]
+    by_default = list(spy)
+    assert [_unit(f) for kind, f in by_default if kind == "prefetch"] == ["b", "c", "a"]
+    releases = [_unit(f) for kind, f in by_default if kind == "release"]
     assert releases == ["a", "b", "c"]
-    assert all(len(f) == 2 for kind, f in spy if kind == "release")  # weight and bias
+    assert all(len(f) == 2 for kind, f in by_default if kind == "release")  # weight and bias
+    _run_chain(chain_file, spy, prefetch=1)
+    assert spy == by_default
 
 
 def test_running_a_unit_prefetches_the_next_one_and_releases_after(chain_file, spy):
@@ -347,18 +401,20 @@ def test_store_prefetch_wait_and_release_keep_values(tmp_path):
     store.close()
 
 
-def test_a_folder_converted_from_an_older_checkpoint_is_refused(tmp_path, bf16_file):
+def test_a_retrained_checkpoint_adds_a_pack_with_its_new_values(tmp_path, bf16_file, x):
     folder = tmp_path / "offload"
     load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
                                  offload_folder=folder)
-    snapshot = tree(folder)
+    [pack] = packs(folder)
+    digest = sha256(pack)
     torch.manual_seed(42)  # the same names and shapes, new values: a retrained checkpoint
-    save_file({k: v.bfloat16() for k, v in NestedBlocksModel().state_dict().items()}, bf16_file)
-    model = skeleton()
-    with pytest.raises(OffloadError, match="other weights"):
-        load_checkpoint_and_dispatch(model, bf16_file, device_map=DISK_LAYERS,
-                                     offload_folder=folder)
-    assert tree(folder) == snapshot
+    retrained = NestedBlocksModel().eval()
+    save_file({k: v.bfloat16() for k, v in retrained.state_dict().items()}, bf16_file)
+    model = load_checkpoint_and_dispatch(skeleton(), bf16_file, device_map=DISK_LAYERS,
+                                         offload_folder=folder)
+    assert model.bigload_report.bytes_written > 0
+    assert len(packs(folder)) == 2 and sha256(pack) == digest
+    assert torch.equal(model(x), eager_from_bf16(retrained)(x))
 
 
 def test_a_refused_folder_leaves_a_mixed_dtype_load_untouched(tmp_path, eager):
@@ -367,9 +423,50 @@ def test_a_refused_folder_leaves_a_mixed_dtype_load_untouched(tmp_path, eager):
                for k, v in eager.state_dict().items()}, path)  # layers.0/2 zero-copy, 1 converted
     folder = tmp_path / "offload"
     folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
+    (folder / MANIFEST_FILE).write_text("[1, 2]")  # not a manifest bigload wrote
     model = skeleton()
-    with pytest.raises(OffloadError, match="did not write completely"):
+    with pytest.raises(OffloadError, match="not a manifest bigload wrote"):
         load_checkpoint_and_dispatch(model, path, device_map=DISK_LAYERS, offload_folder=folder)
-    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / MANIFEST_FILE).read_text() == "[1, 2]"
     assert all_meta(model)
+    assert not packs(folder)
+
+
+# --- forwards from several threads ---------------------------------------------------------------
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_forwards_of_a_cpu_and_disk_model_from_four_threads_equal_single_threaded(tmp_path,
+                                                                                  prefetch):
+    torch.manual_seed(0)
+    eager = NestedBlocksModel(n=64, depth=6).eval()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.bfloat16() if k.startswith("layers.4.") else v  # one unit from a pack
+               for k, v in eager.state_dict().items()}, path)
+    eager.layers[4].load_state_dict({k: v.bfloat16().float()
+                                     for k, v in eager.layers[4].state_dict().items()})
+    device_map = {"embed": "cpu", "layers.0": "cpu", "layers.1": "disk", "layers.2": "cpu",
+                  "layers.3": "disk", "layers.4": "disk", "layers.5": "cpu", "norm": "disk"}
+    model = load_checkpoint_and_dispatch(skeleton(NestedBlocksModel, n=64, depth=6), path,
+                                         device_map=device_map, offload_folder=tmp_path / "off",
+                                         prefetch=prefetch)
+    assert model.bigload_report.bytes_written > 0 and model.bigload_report.zero_copy > 0
+    inputs = [torch.randn(5, 64, generator=torch.Generator().manual_seed(i)) for i in range(50)]
+    with torch.no_grad():
+        expected = [eager(i) for i in inputs]
+    problems: list[str] = []
+
+    def run(thread: int) -> None:
+        try:
+            with torch.no_grad():
+                for i, value in enumerate(inputs):
+                    if not torch.equal(model(value), expected[i]):
+                        problems.append(f"thread {thread}, input {i}: another result")
+        except Exception as err:  # noqa: BLE001 - reported below with its thread
+            problems.append(f"thread {thread}: {err!r}")
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []

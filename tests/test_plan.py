@@ -371,8 +371,9 @@ def test_reserve_holds_the_units_fetched_ahead(max_memory, prefetch, reserve):
 
 
 @pytest.mark.parametrize(("max_memory", "reserve"), [({0: 2048, "cpu": BIG}, 512),
-                                                      ({"cpu": 1024}, 256)])
-def test_default_prefetch_reserve_follows_the_main_device(max_memory, reserve):
-    # prefetch=None is dispatch's default: one unit ahead onto an accelerator, none on the CPU
+                                                      ({"cpu": 1024}, 512)])
+def test_default_prefetch_reserve_holds_one_unit_ahead(max_memory, reserve):
+    # prefetch=None is the default: one unit read ahead (into the streaming pool, or copied to
+    # the accelerator), on any main device
     plan = plan_devices(meta(), max_memory=max_memory, prefetch=None, headroom_bytes=0)
-    assert plan.reserve_bytes == reserve
+    assert plan.prefetch == 1 and plan.reserve_bytes == reserve

@@ -156,11 +156,11 @@ def test_same_input_same_plan_and_json_round_trip(inputs):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_execution_order_is_kept_within_each_tier_sequence(strategy):
     """Tiers are filled in order: once a later tier is used, no earlier tier comes back
-    (tie partners excepted)."""
+    (tie partners excepted, and units filled back from disk into room left over)."""
     with torch.device("meta"):
         model = Mlp({"width": 8, "vocab": 8, "hidden": [16] * 6, "bias": True,
                      "buffers": False, "tie": False, "root_param": False})
     plan = plan_devices(model, max_memory={0: 1200, 1: 1200, "cpu": 1000}, strategy=strategy)
     order = list(plan.budgets) + ["disk"]
-    ranks = [order.index(u.placement) for u in plan.units]
+    ranks = [order.index(u.placement) for u in plan.units if "filled back" not in u.reason]
     assert ranks == sorted(ranks)

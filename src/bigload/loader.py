@@ -25,15 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointIndex, CheckpointReader, open_reader
 from .devices import DISK, Placement, parse_dtype, placement_str
 from .errors import DeviceMapError, MetaTensorError, OffloadError, format_problems
-from .offload import (
-    OffloadItem,
-    OffloadStore,
-    StoredTensor,
-    file_identity,
-    serve_from_folder,
-    stored_views,
-    value_digest,
-)
+from .offload import OffloadItem, OffloadStore, StoredTensor, serve_from_folder
 from .offload.stream import read_resident
 from .pages import advise
 from .plan import DevicePlan, check_covers
@@ -136,7 +128,7 @@ def load_weights(
     with open_reader(index) as reader, _Journal() as journal:
         # before any tensor moves: the offload folder, then the missing tensors (an initialiser
         # that leaves one unset fails while the owner's other tensors are still meta)
-        converted = _convert_for_disk(convert, reader, model, index, options, loaded)
+        converted = _convert_for_disk(convert, reader, index, options, loaded)
         _initialize_missing(model, jobs, options, loaded, journal)
         with progress(options.progress, sum(j.nbytes for j in jobs)) as bar:
             _place_disk(jobs, converted, reader, loaded, journal, bar)
@@ -237,25 +229,32 @@ def _zero_copy_ok(job: Job, index: CheckpointIndex) -> bool:
 
 # --- the disk tier ------------------------------------------------------------------------------
 def _convert_for_disk(
-    convert: list[Job], reader: CheckpointReader, model: nn.Module, index: CheckpointIndex,
-    options: LoadOptions, loaded: Loaded,
+    convert: list[Job], reader: CheckpointReader, index: CheckpointIndex, options: LoadOptions,
+    loaded: Loaded,
 ) -> dict[str, StoredTensor]:
-    """Tensors that cannot be served from the checkpoint's files are converted into the offload
-    folder (reused when its fingerprint matches). Returns their stored views by fqn."""
+    """Tensors that cannot be served from the checkpoint's files are served from the offload
+    folder (converted now unless a pack there holds them). Returns their stored views by fqn."""
     if not convert:
         return {}
     if options.offload_folder is None:
         raise _needs_folder(convert, index)
-    source = file_identity(index.files)
-    items = [OffloadItem(j.tensor.fqn, j.dtype, j.tensor.shape, f"{source}#{j.key}",
-                         lambda j=j: reader.get(j.key).to(j.dtype)) for j in convert]
-    folder = Path(options.offload_folder).resolve()
-    offload_reader, written = serve_from_folder(folder, type(model).__name__, items)
-    loaded.store.readers.append(offload_reader)
-    loaded.store.bytes_written += written
-    loaded.report.bytes_written += written
-    loaded.report.offload_folder = str(folder)
-    return {item.fqn: item for item in stored_views(offload_reader)}
+    items = [OffloadItem(j.tensor.fqn, j.dtype, j.tensor.shape,
+                         lambda j=j: reader.get(j.key), _source_files(index, j.key), j.key)
+             for j in convert]
+    served = serve_from_folder(options.offload_folder, items)
+    loaded.store.readers.extend(served.readers)
+    loaded.store.bytes_written += served.bytes_written
+    loaded.report.bytes_written += served.bytes_written
+    loaded.report.offload_folder = str(served.folder)
+    return served.tensors
+
+
+def _source_files(index: CheckpointIndex, key: str) -> tuple[Path, ...]:
+    """The files a checkpoint tensor's values come from: its own, or every file of the
+    checkpoint for a tensor built from others (transformers conversions)."""
+    if key in getattr(index, "derived", {}):
+        return tuple(index.files)
+    return (index.entries[key].file,)
 
 
 def _needs_folder(convert: list[Job], index: CheckpointIndex) -> OffloadError:
@@ -265,8 +264,8 @@ def _needs_folder(convert: list[Job], index: CheckpointIndex) -> OffloadError:
         f"{len(convert)} tensor(s) planned for disk must be converted before they can be "
         "served from disk (the checkpoint is not safetensors, its dtype differs, or the "
         "tensor is built from several checkpoint tensors):\n" + format_problems(names)
-        + "\nPass offload_folder=... (offload_dir=... to bigload.load; written once, "
-        "fingerprinted, reused by later loads)."
+        + "\nPass offload_folder=... (offload_dir=... to bigload.load; converted once, "
+        "reused by later loads)."
     )
 
 
@@ -447,16 +446,15 @@ def _offload_in_memory(model, slots, plan, store, offload_folder, journal) -> No
             "pass offload_dir=... to write them there once (or load them with "
             "bigload.load_checkpoint_and_dispatch, which serves safetensors files directly)"
         )
-    items = [OffloadItem(s.fqn, s.tensor.dtype, tuple(s.tensor.shape),
-                         f"memory:{value_digest(s.tensor)}", lambda s=s: s.tensor) for s in todo]
-    reader, written = serve_from_folder(Path(offload_folder).resolve(),
-                                        type(model).__name__, items)
-    store.readers.append(reader)
-    store.bytes_written += written
-    by_fqn = {s.fqn: s for s in todo}
-    for item in stored_views(reader):
+    items = [OffloadItem(s.fqn, s.tensor.dtype, tuple(s.tensor.shape), lambda s=s: s.tensor)
+             for s in todo]
+    served = serve_from_folder(offload_folder, items)
+    store.readers.extend(served.readers)
+    store.bytes_written += served.bytes_written
+    for slot in todo:
+        item = served.tensors[slot.fqn]
         store.add(item)
-        journal.replace(by_fqn[item.fqn], item.tensor)
+        journal.replace(slot, item.tensor)
 
 
 # --- all or nothing -----------------------------------------------------------------------------

@@ -457,8 +457,9 @@ def disk_offload(
     *,
     prefetch: int | None = None,
 ) -> nn.Module:
-    """Serve every weight from ``offload_dir`` (safetensors, written once, fingerprinted) and
-    run each block on ``execution_device``; buffers stay in memory unless ``offload_buffers``."""
+    """Serve every weight from ``offload_dir`` (written once into a pack there; weights a pack
+    already holds are reused) and run each block on ``execution_device``; buffers stay in
+    memory unless ``offload_buffers``."""
     return dispatch_model(model, {"": "disk"}, main_device=_execution_device(execution_device),
                           offload_dir=offload_dir, offload_buffers=offload_buffers,
                           preload_module_classes=preload_module_classes, prefetch=prefetch)

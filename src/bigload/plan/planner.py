@@ -4,20 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
 from ..devices import DeviceLike, format_size
-from ..errors import DeviceMapError
+from ..errors import DeviceMapError, DoesNotFitError
 from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
-from .solve import Placed, ReserveRule, is_offload, solve
+from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
 from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
-from .units import UnitSpec, class_names, no_split_rule, plan_units
+from .units import NoSplitRule, UnitSpec, class_names, no_split_rule, plan_units
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 
@@ -86,9 +87,17 @@ def plan_devices(
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    placed, reserve = solve(units, budgets, targets, main,
-                            ReserveRule(room, offload_buffers, 1 + depth))
-    notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
+    placing = _Placing(model, entries, rule, budgets, targets, main)
+    try:
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1 + depth))
+    except DoesNotFitError:
+        if prefetch is not None or depth == 0:
+            raise
+        depth = 0  # the default read-ahead gives way where the room holds one unit at a time
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1))
+        said += (f"nothing is read ahead: the room on {main} holds one offloaded unit at a time",)
+    reserve = ReserveRule(room, offload_buffers, 1 + depth).need(offloaded(units, placed, main))
+    notes += said + (f"headroom for activations on {main} when offloading: {format_size(room)}",)
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
         reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
@@ -96,6 +105,52 @@ def plan_devices(
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
+
+
+@dataclass(frozen=True)
+class _Placing:
+    """Units onto tiers for one reserve rule: in order, then the units too big for the room on
+    the main device streamed in pieces, then room left filled from disk."""
+
+    model: nn.Module
+    entries: list
+    rule: NoSplitRule
+    budgets: Budgets
+    targets: Mapping[str, int]
+    main: str
+
+    def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
+        budget, said = self.budgets.limits.get(self.main), ()
+        units = plan_units(self.model, self.entries, self.rule)
+        placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+        streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
+        if streamed:
+            units = plan_units(self.model, self.entries, self.rule, split=streamed)
+            placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+            said = (f"streamed in pieces (too big for the room on {self.main}): "
+                    + ", ".join(sorted(repr(n) for n in streamed)),)
+        check_main_device(units, placed, budget, self.main, reserve_rule)
+        return units, fill(units, placed, self.budgets, self.targets, self.main,
+                           reserve_rule), said
+
+
+def _to_stream(
+    model: nn.Module, units: list[UnitSpec], placed: Placed, budget: int | None, main: str,
+    rule: ReserveRule,
+) -> frozenset[str]:
+    """Offloaded units to stream in pieces, when the main device cannot hold them whole."""
+    moved = offloaded(units, placed, main)
+    if budget is None or rule.need(moved) <= budget:
+        return frozenset()
+    return frozenset(u.name for u in moved if u.piece_of is None and _has_pieces(model, u.name))
+
+
+def _has_pieces(model: nn.Module, name: str) -> bool:
+    try:
+        module = model.get_submodule(name) if name else model
+    except AttributeError:  # a tensor unit
+        return False
+    return any(True for _ in module.children())
 
 
 def resident_buffers(units: list[UnitSpec], placed: Placed, main: str) -> dict[str, str]:

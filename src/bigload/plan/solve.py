@@ -54,15 +54,14 @@ def solve(
     """
     reserve = 0
     for _ in range(_MAX_ROUNDS):
-        placed = assign(units, tiers(budgets, targets, main, reserve))
+        placed = assign(units, tiers(budgets, targets, main, reserve), main)
         need = rule.need(offloaded(units, placed, main))
         if need <= reserve:
             break
         reserve = need
     else:
         reserve = rule.need(units)
-        placed = assign(units, tiers(budgets, targets, main, reserve))
-    check_main_device(units, placed, budgets.limits.get(main), main, rule)
+        placed = assign(units, tiers(budgets, targets, main, reserve), main)
     return placed, reserve
 
 
@@ -87,7 +86,7 @@ def offloaded(units: list[UnitSpec], placed: Placed, main: str) -> list[UnitSpec
     return [u for u, (p, _) in zip(units, placed) if is_offload(p, main)]
 
 
-def assign(units: list[UnitSpec], tier_list: list[Tier]) -> Placed:
+def assign(units: list[UnitSpec], tier_list: list[Tier], main: str = "cpu") -> Placed:
     """(placement, why there) per unit: units in order, tiers filled in order, never back.
 
     A unit whose tensor later units share (a tie) takes them along where they all fit: room
@@ -112,11 +111,64 @@ def assign(units: list[UnitSpec], tier_list: list[Tier]) -> Placed:
         if at != start:
             where = "; ".join(skip_reason(tier_list[t], used[t], unit.size_bytes)
                               for t in range(start, at))
+        if unit.piece_of is not None and not _runs_on_main(tier_list[at].placement, main):
+            placed.append((_offload_tier(tier_list, at, used, unit), where))
+            continue
         used[at] += unit.size_bytes
         if along and fits(tier_list[at], used[at], sum(u.size_bytes for u in along)):
             used[at] += sum(u.size_bytes for u in along)
             joined.update(dict.fromkeys((u.name for u in along), at))
         placed.append((tier_list[at].placement, where + _borrowing(unit)))
+    return placed
+
+
+def _runs_on_main(placement: str, main: str) -> bool:
+    """Whether units placed there run on the main device: the main device itself, the CPU or
+    disk. A piece of a streamed unit never lands on another accelerator: the pieces of one
+    unit run on one device."""
+    return placement in (main, "cpu", DISK)
+
+
+def _offload_tier(tier_list: list[Tier], at: int, used: list[int], unit: UnitSpec) -> str:
+    for t in range(at, len(tier_list)):
+        if tier_list[t].placement in ("cpu", DISK) and fits(tier_list[t], used[t],
+                                                            unit.size_bytes):
+            used[t] += unit.size_bytes
+            return tier_list[t].placement
+    raise does_not_fit([unit], tier_list[at:], used[at:])
+
+
+def fill(units: list[UnitSpec], placed: Placed, budgets: Budgets, targets: Mapping[str, int],
+         main: str, rule: ReserveRule) -> Placed:
+    """Move disk units back to the memory tiers that still have room after the in-order pass
+    (a large unit that went to disk must not leave the rest of a tier empty): the largest
+    first, each onto the first memory tier it fits on, where a piece of a streamed unit may
+    go (the main device or the CPU). Tiers holding a balanced share, and units in a tie, stay
+    as they are."""
+    placed = list(placed)
+    memory = [p for p, b in budgets.limits.items() if p != DISK and b and p not in targets]
+    tied = {u.name for u in units if u.tied_to is not None} | {
+        u.tied_to for u in units if u.tied_to is not None}
+    order = sorted((i for i, (p, _) in enumerate(placed) if p == DISK
+                    and units[i].size_bytes and units[i].name not in tied),
+                   key=lambda i: (-units[i].size_bytes, i))
+    held = {p: 0 for p in memory}
+    for unit, (p, _) in zip(units, placed):
+        if p in held:
+            held[p] += unit.size_bytes
+    need = rule.need(offloaded(units, placed, main))  # only shrinks as units leave disk
+    for i in order:
+        for placement in memory:
+            if units[i].piece_of and not _runs_on_main(placement, main):
+                continue
+            kept = need if placement == main else 0
+            if held[placement] + units[i].size_bytes + kept > budgets.limits[placement]:
+                continue
+            placed[i] = (placement, f"filled back from disk: {placement} had room left after "
+                                    "the in-order pass")
+            held[placement] += units[i].size_bytes
+            need = rule.need(offloaded(units, placed, main))
+            break
     return placed
 
 

@@ -30,6 +30,7 @@ class UnitSpec:
     whole: bool
     tied_to: str | None = None
     buffers: tuple[str, ...] = ()  # fqns of the buffers counted in it
+    piece_of: str | None = None  # the unit it is a piece of, when that unit streams in pieces
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,16 @@ def repeated_blocks(
 
 
 def plan_units(
-    model: nn.Module, entries: list[TensorSize], rule: NoSplitRule
+    model: nn.Module, entries: list[TensorSize], rule: NoSplitRule,
+    split: frozenset[str] = frozenset(),
 ) -> list[UnitSpec]:
     """Units in execution order. A tensor is counted in the first unit holding it; a later
-    holder names that unit in ``tied_to``."""
+    holder names that unit in ``tied_to``. Units named in ``split`` become their pieces (down
+    to the modules that hold tensors), which page in one at a time."""
     position = {fqn: i for i, entry in enumerate(entries) for fqn in entry.fqns}
     holder: dict[int, str] = {}
     result = []
-    for name, why, module in walk(model, "", rule):
+    for name, why, module, piece_of in walk(model, "", rule, split):
         held = list(dict.fromkeys(_held(name, module, position)))
         new = [i for i in held if i not in holder]
         tied_to = next((holder[i] for i in held if i in holder), None)
@@ -124,27 +127,35 @@ def plan_units(
         buffers = [entries[i] for i in new if entries[i].kind == "buffer"]
         whole = rule.why_whole(module, name) is not None if module is not None else False
         result.append(UnitSpec(name, why, size, sum(b.size_bytes for b in buffers), whole,
-                               tied_to, tuple(b.fqns[0] for b in buffers)))
+                               tied_to, tuple(b.fqns[0] for b in buffers), piece_of))
     return result
 
 
 def walk(
-    module: nn.Module, prefix: str, rule: NoSplitRule
-) -> Iterator[tuple[str, str, nn.Module | None]]:
-    """(fqn, why, module or None for a tensor) of each unit under ``module``, in registration
-    order (a split module's own tensors first)."""
+    module: nn.Module, prefix: str, rule: NoSplitRule, split: frozenset[str] = frozenset(),
+    piece_of: str | None = None,
+) -> Iterator[tuple[str, str, nn.Module | None, str | None]]:
+    """(fqn, why, module or None for a tensor, the unit it is a piece of) of each unit under
+    ``module``, in registration order (a split module's own tensors first)."""
+    if prefix in split and piece_of is None:
+        yield from walk(module, prefix, NoSplitRule(frozenset()), split, prefix)
+        return
     why = rule.why_whole(module, prefix)
     children = [(n, m) for n, m in module._modules.items() if m is not None]
-    if why is not None or not children:
-        yield prefix, why or ("leaf module" if prefix else "whole model"), module
+    if piece_of is not None:
+        why = f"piece of {piece_of!r}, which streams in pieces" if why is None else why
+    if rule.why_whole(module, prefix) is not None or not children:
+        yield prefix, why or ("leaf module" if prefix else "whole model"), module, piece_of
         return
     dot = f"{prefix}." if prefix else ""
     owner = f"tensor of split module {prefix!r}" if prefix else "tensor of the root module"
+    if piece_of is not None:
+        owner = f"tensor of {prefix!r}, a piece of {piece_of!r}"
     for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
         if tensor is not None:
-            yield dot + name, owner, None
+            yield dot + name, owner, None, piece_of
     for name, child in children:
-        yield from walk(child, dot + name, rule)
+        yield from walk(child, dot + name, rule, split, piece_of)
 
 
 def _held(name: str, module: nn.Module | None, position: Mapping[str, int]) -> Iterable[int]:
