@@ -154,9 +154,9 @@ def test_cross_encoder_scores_pairs_with_predict(capsys: pytest.CaptureFixture,
 def test_memory_explains_itself(capsys: pytest.CaptureFixture, llama_folder: Path) -> None:
     from bigload.devices import format_size
 
-    code, out, _ = run_cli(capsys, "run", llama_folder, *DISK_BUDGET, "--max-new-tokens", 2,
-                           "--json")
-    memory = json.loads(out)["memory"]
+    code, out_json, _ = run_cli(capsys, "run", llama_folder, *DISK_BUDGET, "--max-new-tokens", 2,
+                                "--json")
+    memory = json.loads(out_json)["memory"]
     assert memory["rss_before_load_bytes"] > 0 and memory["peak_rss_bytes"] > 0
     weights = memory["weights_bytes"]
     assert list(weights) == ["cpu", "disk"]
@@ -168,9 +168,11 @@ def test_memory_explains_itself(capsys: pytest.CaptureFixture, llama_folder: Pat
            in lines[first]
     assert lines[first + 1] == (f"  cpu-tier weights {format_size(weights['cpu'])}, read into "
                                 "RAM (budget 58.6 KiB)")
-    assert lines[first + 2].startswith(
-        f"  disk-tier weights {format_size(weights['disk'])}, mapped from the checkpoint: their "
-        "pages count in RSS while their unit runs")
+    reserve = format_size(json.loads(out_json)["plan"]["reserve_bytes"])
+    assert lines[first + 2] == (
+        f"  disk-tier weights {format_size(weights['disk'])}, left in the checkpoint: each unit is "
+        f"read as it runs into streaming buffers (the plan's {reserve} reserve, in RSS); file "
+        "pages mapped for a view count in RSS only while it is used")
 
 
 def test_units_without_bytes_are_not_offloaded_and_ranges_are_fields(
@@ -201,7 +203,8 @@ def test_memory_lines_of_an_accelerator_run() -> None:
     out = {"memory": {"rss_before_load_bytes": 2 * gib, "peak_rss_bytes": 3 * gib,
                       "peak_since_load": True, "accelerator_peak_bytes": {"cuda:0": 19 * gib},
                       "weights_bytes": {"cuda:0": 18 * gib, "cpu": gib, "disk": 4 * gib}},
-           "plan": {"devices": {"cuda:0": {"budget_bytes": 20 * gib},
+           "plan": {"reserve_bytes": 2 * gib,
+                    "devices": {"cuda:0": {"budget_bytes": 20 * gib},
                                 "cpu": {"budget_bytes": 8 * gib}, "disk": {"budget_bytes": None}}},
            "load_report": {"bytes_written": gib}}
     assert memory_lines(out) == [
@@ -209,6 +212,10 @@ def test_memory_lines_of_an_accelerator_run() -> None:
         "it); peak 3.0 GiB since the load started (+1.0 GiB)",
         "  cuda:0 weights 18.0 GiB (budget 20.0 GiB), not in RSS; peak allocated 19.0 GiB",
         "  cpu-tier weights 1.0 GiB, read into RAM (budget 8.0 GiB)",
-        "  disk-tier weights 4.0 GiB, mapped from the checkpoint and the offload folder: their "
-        "pages count in RSS while their unit runs, then are dropped",
+        "  disk-tier weights 4.0 GiB, left in the checkpoint and the offload folder: each unit is "
+        "read as it runs into streaming buffers (the plan's 2.0 GiB reserve, in RSS); file pages "
+        "mapped for a view count in RSS only while it is used",
     ]
+    out["memory"].update(rss_before_load_bytes=gib // 2, peak_rss_bytes=4 * gib)
+    assert memory_lines(out)[-1] == ("  the rest of the rise, about 512.0 MiB: activations, the "
+                                     "tokenizer and what else the load and the run allocate")

@@ -52,8 +52,9 @@ exit. On a terminal, a load longer than a second shows a progress bar on stderr.
 The summary at the end: the time of each stage (imports are torch's, transformers' and the
 model code's, paid once per process; load is bigload.load less skeleton and plan), and the
 resident memory (RSS) before the load — Python, torch, transformers: no budget covers it — and
-its peak since, with the weights of each tier. Disk-tier weights are mapped from their files:
-their pages count in RSS while their unit runs, then are dropped.
+its peak since, with the weights of each tier. Disk-tier weights stay in their files: each unit
+is read as it runs into streaming buffers (the plan's reserve); file pages mapped for a view
+count in RSS only while it is used.
 """
 
 
@@ -315,13 +316,21 @@ def memory_lines(out: dict[str, Any]) -> list[str]:
     lines = [f"memory (RSS): {format_size(before)} before the load (Python, torch, "
              f"transformers: no budget covers it); peak {format_size(peak)} {since} "
              f"({_signed(peak - before)})"]
-    return lines + [f"  {line}" for line in _weights(out, format_size)]
+    lines += [f"  {line}" for line in _weights(out, format_size)]
+    weights = out["memory"]["weights_bytes"]
+    streamed = out["plan"]["reserve_bytes"] if "disk" in weights else 0
+    rest = peak - before - weights.get("cpu", 0) - streamed
+    if memory["peak_since_load"] and rest > 0:
+        lines.append(f"  the rest of the rise, about {format_size(rest)}: activations, the "
+                     "tokenizer and what else the load and the run allocate")
+    return lines
 
 
 def _weights(out: dict[str, Any], format_size: Any) -> list[str]:
     devices = out["plan"]["devices"]
     written = out["load_report"]["bytes_written"]
     peaks = out["memory"]["accelerator_peak_bytes"]
+    reserve = out["plan"]["reserve_bytes"]
     lines = []
     for device, size in out["memory"]["weights_bytes"].items():
         budget = (devices.get(device) or {}).get("budget_bytes")
@@ -330,8 +339,10 @@ def _weights(out: dict[str, Any], format_size: Any) -> list[str]:
             lines.append(f"cpu-tier weights {format_size(size)}, read into RAM{of}")
         elif device == "disk":
             source = "the checkpoint" + (" and the offload folder" if written else "")
-            lines.append(f"disk-tier weights {format_size(size)}, mapped from {source}: their "
-                         "pages count in RSS while their unit runs, then are dropped")
+            lines.append(f"disk-tier weights {format_size(size)}, left in {source}: each unit "
+                         f"is read as it runs into streaming buffers (the plan's "
+                         f"{format_size(reserve)} reserve, in RSS); file pages mapped for a "
+                         "view count in RSS only while it is used")
         else:
             peak = f"; peak allocated {format_size(peaks[device])}" if device in peaks else ""
             lines.append(f"{device} weights {format_size(size)}{of}, not in RSS{peak}")
