@@ -244,3 +244,9 @@ def test_bin_checkpoint_on_disk_converts_into_a_temporary_folder(llama_folder, t
     assert folder.is_dir() and folder.parent.name.startswith("bigload-offload-")
     assert f"converted into {folder}" in caplog.text and "torch .bin" in caplog.text
     torch.testing.assert_close(logits(model), logits(reference))
+
+
+def test_the_accepted_names_are_the_arguments_of_load():
+    parameters = inspect.signature(bigload.load).parameters
+    keyword_only = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert list(bigload.hf.ACCEPTED_ARGUMENTS) == keyword_only

@@ -20,15 +20,15 @@ transformers = pytest.importorskip("transformers")
 def test_the_plan_is_printed_before_a_tensor_is_read(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, llama_folder: Path
 ) -> None:
-    import bigload.loader
+    from bigload.hf import pretrained
 
-    load_weights = bigload.loader.load_weights
+    load_weights = pretrained.load_weights
 
     def marked(*args: object, **kwargs: object) -> object:
         print("<load_weights starts>")
         return load_weights(*args, **kwargs)
 
-    monkeypatch.setattr(bigload.loader, "load_weights", marked)
+    monkeypatch.setattr(pretrained, "load_weights", marked)
     code, out, _ = run_cli(capsys, "run", llama_folder, *DISK_BUDGET, "--max-new-tokens", 2)
     assert code == 0
     lines = out.splitlines()

@@ -2,10 +2,10 @@
 (torch, transformers and the model's code), skeleton, plan, load, run; the resident memory
 before the load and its peak after.
 
-``bigload.load`` is one call; the skeleton and plan stages inside it are timed by wrapping
-``bigload.hf.build_skeleton`` and ``bigload.hf.plan_model`` while it runs (the names it calls),
-which is also how the plan is shown as soon as it exists; a test fails if a
-refactor of bigload.hf stops calling them (tests/cli/test_cli_run.py).
+``bigload.load`` is one call; the skeleton and plan stages inside it are timed by wrapping the
+names ``bigload.hf.pretrained`` calls (``build_skeleton``, ``plan_model``) while it runs, which
+is also how the plan is shown as soon as it exists; a test fails if a refactor of bigload.hf
+stops calling them (tests/cli/test_cli_run.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def timed_load(clock: Clock, on_plan: Callable[[Any, Any], None] | None) -> Iter
     and 'plan' stages, each plan is handed to ``on_plan(model, plan)`` as soon as it exists,
     and the rest of the call is the 'load' stage (``on_plan``'s own time is in none). Within
     load, transformers' checkpoint conversions are timed too ('conversions')."""
-    from bigload import hf
+    from bigload.hf import pretrained
 
-    saved = {name: getattr(hf, name) for name in ("build_skeleton", "plan_model",
-                                                  "prepare_checkpoint")}
+    saved = {name: getattr(pretrained, name) for name in ("build_skeleton", "plan_model",
+                                                          "prepare_checkpoint")}
     outside = Clock()
 
     def skeleton(*args: Any, **kwargs: Any) -> Any:
@@ -69,13 +69,15 @@ def timed_load(clock: Clock, on_plan: Callable[[Any, Any], None] | None) -> Iter
         with clock.stage("conversions"):
             return saved["prepare_checkpoint"](*args, **kwargs)
 
-    hf.build_skeleton, hf.plan_model, hf.prepare_checkpoint = skeleton, plan, conversions
+    wrappers = {"build_skeleton": skeleton, "plan_model": plan, "prepare_checkpoint": conversions}
+    for name, wrapper in wrappers.items():
+        setattr(pretrained, name, wrapper)
     try:
         with outside.stage("call"):
             yield
     finally:
         for name, original in saved.items():
-            setattr(hf, name, original)
+            setattr(pretrained, name, original)
         spent = outside.seconds
         clock.seconds["load"] = clock.seconds.get("load", 0.0) + spent.get("call", 0.0) - \
             spent.get("inner", 0.0)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..devices import DISK, parse_placement, placement_str
 from ..errors import BigloadError, DeviceMapError
-from .types import FROM_MAP, JSON_FORMAT, STRATEGIES, PlannedUnit
+from .placements import FROM_MAP, JSON_FORMAT, STRATEGIES
 
 MAX_JSON_BYTES = 256 << 20
 _UNIT_FIELDS = {"name": str, "placement": str, "size_bytes": int, "reason": str, "whole": bool,
@@ -20,7 +20,8 @@ class _Bad(Exception):
 
 
 def parse_plan_json(text: str | bytes) -> dict[str, Any]:
-    """The keyword arguments of DevicePlan for ``text``; DeviceMapError on anything else."""
+    """The keyword arguments of DevicePlan for ``text`` (units as dicts of PlannedUnit's
+    fields); DeviceMapError on anything else."""
     try:
         return _fields(_load(text))
     except _Bad as err:
@@ -93,7 +94,7 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind)
 
 
-def _unit(raw: Any, i: int) -> PlannedUnit:
+def _unit(raw: Any, i: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Bad(f"units[{i}] is a {type(raw).__name__}, not an object")
     if set(raw) != set(_UNIT_FIELDS):
@@ -102,7 +103,7 @@ def _unit(raw: Any, i: int) -> PlannedUnit:
         if not _is(raw[key], kind):
             raise _Bad(f"units[{i}].{key} is {raw[key]!r}")
     _size(raw["size_bytes"], f"units[{i}].size_bytes")
-    return PlannedUnit(**{**raw, "placement": _placement(raw["placement"], f"units[{i}]")})
+    return {**raw, "placement": _placement(raw["placement"], f"units[{i}]")}
 
 
 def _placement(value: Any, where: str) -> str:

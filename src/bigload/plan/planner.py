@@ -15,8 +15,9 @@ from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
+from .placements import STRATEGIES
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
-from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
+from .types import DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import NoSplitRule, UnitSpec, class_names, no_split_rule, plan_units
 

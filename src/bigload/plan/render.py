@@ -1,20 +1,18 @@
-"""A plan as people read it (its budgets, a table of devices in aligned columns, the disk tier,
-the decisions) and as accelerate-style maps show it (prefixes merged where a module sits on one
-device). ``table`` is the one table style of plans and load reports."""
+"""A plan as people read it: its budgets and where each came from, a table of devices in aligned
+columns, the disk tier and the decisions. ``table`` is the one table style of plans and load
+reports."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ..devices import DISK, format_size
 from ..errors import format_problems
-from .types import PlannedUnit, tier_key
+from .placements import tier_key
 
 if TYPE_CHECKING:
-    from .types import DevicePlan
-
-V = TypeVar("V")
+    from .types import DevicePlan, PlannedUnit
 
 
 def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
@@ -119,30 +117,3 @@ def _render_decisions(plan: DevicePlan) -> Iterator[str]:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def merge_prefixes(mapping: Mapping[str, V], module_name: str = "") -> dict[str, V]:
-    """``mapping`` (fqn prefix → value) with the keys under each module that all hold one value
-    merged into the module's key; the order of first appearance is kept."""
-    prefix = f"{module_name}." if module_name else ""
-    inside = [(k, v) for k, v in mapping.items() if k == module_name or k.startswith(prefix)]
-    merged = iter(_merge(inside, module_name))
-    rebuilt: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if key == module_name or key.startswith(prefix):
-            rebuilt.update(merged)
-        else:
-            rebuilt[key] = value
-    return rebuilt
-
-
-def _merge(items: list[tuple[str, Any]], name: str) -> list[tuple[str, Any]]:
-    if len(items) <= 1:
-        return items
-    if all(value == items[0][1] for _, value in items):
-        return [(name, items[0][1])]
-    depth = name.count(".") + 1 if name else 0
-    groups: dict[str, list[tuple[str, Any]]] = {}
-    for key, value in items:
-        groups.setdefault(".".join(key.split(".")[: depth + 1]), []).append((key, value))
-    return [pair for child, group in groups.items() for pair in _merge(group, child)]

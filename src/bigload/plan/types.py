@@ -14,10 +14,9 @@ import torch
 from ..devicemap import covering_entry
 from ..devices import DISK, Placement, is_accelerator, parse_placement
 from ..errors import DeviceMapError
-
-JSON_FORMAT = "bigload.DevicePlan/2"
-STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
-FROM_MAP = "device_map"  # the strategy of a plan made from a user's own device map
+from .placements import JSON_FORMAT, merge_prefixes, tier_key
+from .plan_json import parse_plan_json
+from .render import render
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,6 @@ class DevicePlan:
     def device_map(self) -> dict[str, Placement]:
         """accelerate-style map (fqn prefix → placement), merged where a module is on one
         device."""
-        from .render import merge_prefixes
-
         placed = {u.name: u.target for u in self.units}
         placed.update((fqn, parse_placement(p, check_available=False))
                       for fqn, p in self.tensor_placements.items())
@@ -155,8 +152,6 @@ class DevicePlan:
 
     # --- text and JSON -------------------------------------------------------------------------
     def __str__(self) -> str:
-        from .render import render
-
         return "\n".join(render(self))
 
     def to_json(self, *, indent: int | None = None) -> str:
@@ -170,19 +165,9 @@ class DevicePlan:
     def from_json(cls, text: str | bytes) -> DevicePlan:
         """The plan written by :meth:`to_json`; anything else is a DeviceMapError that names the
         field at fault."""
-        from .plan_json import parse_plan_json
-
-        return cls(**parse_plan_json(text))
-
-
-def tier_key(placement: str) -> tuple[int, str, int]:
-    """Sort key of placements: accelerators (by type and index), then the CPU, then disk."""
-    if placement == DISK:
-        return (2, "", 0)
-    device = torch.device(placement)
-    if device.type == "cpu":
-        return (1, "", 0)
-    return (0, device.type, device.index or 0)
+        fields = parse_plan_json(text)
+        fields["units"] = tuple(PlannedUnit(**unit) for unit in fields["units"])
+        return cls(**fields)
 
 
 def main_device_for(placements: Iterable[str], given: str | None = None) -> str:

@@ -1,0 +1,75 @@
+"""What :func:`bigload.load` was asked, translated once: ``LoadOptions`` (how one transformers
+model is planned and loaded), ``HubSource`` (where a model id is fetched from), and the names
+``bigload.load`` accepts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import (
+    ModelResolveError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def transformers_module() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ModelResolveError(
+            "loading a model folder needs transformers: pip install 'bigload[hf]'"
+        ) from err
+    return transformers
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How bigload plans and loads one transformers model: :func:`load`'s arguments, translated."""
+
+    device_map: Any = "auto"
+    max_memory: Mapping[Any, int | str] | None = None
+    dtype: torch.dtype | str | None = None
+    offload_dir: str | os.PathLike | None = None
+    missing: str | None = None
+    progress: bool | None = None
+    prefetch: int | None = None
+    no_split_module_classes: Sequence[str] | None = None
+    offload_buffers: bool = False
+    headroom_bytes: int | str | None = None
+    ignore_mismatched_sizes: bool = False
+    attn_implementation: str | None = None
+    key_mapping: Mapping[str, str] | None = None
+    trust_remote_code: bool | None = None
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a model id is fetched from: ``from_pretrained``'s hub arguments."""
+
+    revision: str | None = None
+    token: bool | str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+ACCEPTED_ARGUMENTS: tuple[str, ...] = (
+    "device_map", "max_memory", "dtype", "offload_dir", "missing", "model_class", "progress",
+    "prefetch", "no_split_module_classes", "offload_buffers", "headroom_bytes", "config",
+    "ignore_mismatched_sizes", "attn_implementation", "trust_remote_code", "key_mapping",
+    "revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download",
+)  # bigload.load's keyword arguments (a test checks they match its signature)
