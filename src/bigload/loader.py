@@ -13,10 +13,11 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from .journal import Journal
 from .offload import OffloadItem, OffloadStore, StoredTensor, serve_from_folder
 from .offload.stream import read_resident
 from .pages import advise
+from .place import check_devices
 from .plan import DevicePlan
 from .preflight import (
     ModelTensor,
@@ -56,8 +58,10 @@ logger = logging.getLogger(__name__)
 class LoadOptions:
     """How to load: the target float ``dtype`` (None keeps the model's), modules kept in fp32,
     the policies for missing and unexpected tensors, checkpoint key renames (regex →
-    replacement), the folder for tensors converted for the disk tier, a progress bar, and the
-    initialiser ``missing="init"`` runs (default: each module's ``reset_parameters``)."""
+    replacement), the folder for tensors converted for the disk tier, a progress bar (None: none,
+    True: tqdm's, or a callable ``factory(total_bytes) -> bar`` with ``update(n)`` and
+    ``close()``), and the initialiser ``missing="init"`` runs (default: each module's
+    ``reset_parameters``)."""
 
     dtype: torch.dtype | str | None = None
     keep_in_fp32_modules: Sequence[str] | None = None
@@ -65,7 +69,7 @@ class LoadOptions:
     unexpected: Unexpected = "warn"
     key_map: Mapping[str, str] | None = None
     offload_folder: str | os.PathLike | None = None
-    progress: bool | None = None
+    progress: bool | Callable[[int], Any] | None = None
     init_fn: InitFn | None = None
 
 
@@ -111,6 +115,7 @@ def load_weights(
     """
     start = time.perf_counter()
     check_policy(options.missing)
+    check_devices(plan)
     if options.unexpected not in ("error", "warn", "ignore"):
         raise ValueError(f"unexpected={options.unexpected!r}: use 'error', 'warn' or 'ignore'")
     dtype = parse_dtype(options.dtype, floating=True)
@@ -129,7 +134,7 @@ def load_weights(
         # that leaves one unset fails while the owner's other tensors are still meta)
         converted = _convert_for_disk(convert, reader, index, options, loaded)
         _initialize_missing(model, jobs, options, loaded, journal)
-        with progress(options.progress, sum(j.nbytes for j in jobs)) as bar:
+        with progress(options.progress, sum(j.nbytes for j in jobs if j.key)) as bar:
             _place_disk(jobs, converted, reader, loaded, journal, bar)
             _place_direct(jobs, reader, plan, loaded, journal, bar)
         _place_nonpersistent(nonpersistent, plan, journal)

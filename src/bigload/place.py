@@ -8,8 +8,8 @@ import os
 
 from torch import nn
 
-from .devices import DISK, placement_str
-from .errors import MetaTensorError, OffloadError, format_problems
+from .devices import DISK, parse_device, placement_str
+from .errors import DeviceError, MetaTensorError, OffloadError, format_problems
 from .journal import Journal
 from .offload import OffloadItem, OffloadStore, serve_from_folder
 from .plan import DevicePlan, check_covers
@@ -29,6 +29,7 @@ def place_weights(
     Meta tensors not served by ``store`` are an error listing all of them, before anything
     moves. Returns the store dispatch pages from."""
     store = store if store is not None else OffloadStore()
+    check_devices(plan)
     check_covers(model, {u.name: u for u in plan.units})
     refuse_meta(model, plan, store)
     slots = unique_slots(model)
@@ -39,6 +40,23 @@ def place_weights(
             if slot.fqn not in store.items and slot.tensor.device != device:
                 journal.replace(slot, slot.tensor.to(device))
     return store
+
+
+def check_devices(plan: DevicePlan) -> None:
+    """The accelerators ``plan`` places units on exist on this machine (a plan may be made for
+    another one, but only run where its devices are)."""
+    wanted = {u.placement for u in plan.units} | {plan.main_device}
+    for placement in sorted(wanted - {"cpu", DISK}):
+        try:
+            parse_device(placement, check_available=True)
+        except DeviceError as err:
+            source = plan.budget_sources.get(placement)
+            given = f" (its budget: {source})" if source else ""
+            raise DeviceError(
+                f"the plan places units on {placement}{given}, which cannot run here: {err}. "
+                "Plan for this machine's devices (leave them out of max_memory to use what is "
+                "detected)."
+            ) from err
 
 
 def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None:

@@ -3,7 +3,6 @@ the progress bar of a long load."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,13 +66,14 @@ class _NoBar:
 
 
 class progress:  # noqa: N801 - a context manager used like a function
-    """A byte-counting bar over ``total_bytes``: tqdm's (on a terminal by default, ``enabled``
-    True/False to choose), or the caller's own when ``enabled`` is a callable: it gets the total
-    and returns an object with ``update(n)`` and ``close()`` (how the CLI draws its own)."""
+    """A byte-counting bar over ``total_bytes``: none by default (the library logs; the CLI
+    draws), tqdm's with ``enabled=True``, or the caller's own when ``enabled`` is a callable: it
+    gets the total and returns an object with ``update(n)`` and ``close()`` (how the CLI draws
+    its own)."""
 
     def __init__(self, enabled: bool | None | Callable[[int], Any], total_bytes: int):
         self.factory = enabled if callable(enabled) else None
-        self.enabled = sys.stderr.isatty() if enabled is None else bool(enabled)
+        self.enabled = bool(enabled)
         self.total = total_bytes
         self.bar: Any = _NoBar()
 

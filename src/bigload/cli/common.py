@@ -135,7 +135,7 @@ def model_folder(path: str | None, *, download: bool = False, hint: str = "") ->
         _refuse_text_as_path(path, hint)
         source = None if download else hf.HubSource(local_files_only=True)
         folder = hf.resolve_model_path(path, source=source)
-    check_model_folder(folder)
+    hf.check_model_folder(folder)
     return folder
 
 
@@ -146,59 +146,6 @@ def _refuse_text_as_path(path: str, hint: str) -> None:
         raise ModelResolveError(
             f"PATH {path!r} is neither a folder nor a model id (model ids have no spaces)"
             + (f"; {hint}" if hint else ""))
-
-
-def check_model_folder(folder: Path) -> None:
-    """A ModelResolveError naming the file for what would otherwise surface as a traceback
-    from transformers: a config.json or modules.json that is not JSON, or a model_type this
-    transformers does not know."""
-    config = folder / "config.json"
-    if (folder / "modules.json").is_file():
-        for module in _json_file(folder / "modules.json", list):
-            sub = folder / str(module.get("path", "")) / "config.json"
-            if sub.is_file() and "model_type" in _json_file(sub, dict):
-                config = sub
-                break
-    if config.is_file():
-        _check_model_type(config, _json_file(config, dict))
-
-
-def _json_file(path: Path, kind: type) -> Any:
-    from bigload.errors import ModelResolveError
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ModelResolveError(f"'{path}' is not UTF-8 text ({err})") from err
-    except json.JSONDecodeError as err:
-        raise ModelResolveError(
-            f"'{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
-            "Fix the file, or write it again with save_pretrained.") from err
-    if not isinstance(data, kind) or (kind is list and not all(isinstance(m, dict)
-                                                               for m in data)):
-        raise ModelResolveError(f"'{path}' holds a JSON {type(data).__name__}; expected "
-                                f"{'a list of objects' if kind is list else 'an object'}")
-    return data
-
-
-def _check_model_type(path: Path, config: dict[str, Any]) -> None:
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    from bigload.errors import ModelResolveError
-
-    if "auto_map" in config:  # the model's own code: bigload.load asks for trust_remote_code
-        return
-    model_type = config.get("model_type")
-    if model_type is None:
-        raise ModelResolveError(
-            f"'{path}' has no model_type, so transformers cannot tell which model it describes; "
-            "add it (e.g. \"model_type\": \"llama\") or save the config with save_pretrained")
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise ModelResolveError(
-            f"'{path}' has model_type {model_type!r}, which transformers "
-            f"{transformers.__version__} does not know. If the model is newer than this "
-            "transformers, upgrade it: pip install -U transformers")
 
 
 # --- other flags and output --------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..hf_args import pick, translate_kwargs
 from .build import (
     build_model_skeleton,
     build_skeleton,
+    check_model_folder,
     checkpoint_key_map,
     init_fn_for,
     model_class_for,
@@ -42,6 +43,7 @@ __all__ = [
     "accepted_arguments",
     "build_model_skeleton",
     "build_skeleton",
+    "check_model_folder",
     "checkpoint_key_map",
     "init_fn_for",
     "load",
@@ -91,7 +93,9 @@ def load(
     loads every tensor to its place and attaches the hooks. Missing weights are initialised with
     the model's own ``_init_weights``, logged as a warning and reported (``missing="error"``
     refuses). The plan and the LoadReport are ``model.bigload_plan`` and
-    ``model.bigload_report``.
+    ``model.bigload_report``. ``progress``: no bar by default (the library logs), ``True`` for
+    tqdm's, or a callable ``factory(total_bytes) -> bar`` (``update(n)``, ``close()``); a Hub
+    download shows huggingface_hub's own bars unless ``progress=False``.
 
     Takes ``from_pretrained``'s arguments: ``model_class`` (a class, class name, Auto class or
     task such as ``"text-classification"``), ``config``, config attributes as overrides

@@ -18,9 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointIndex, read_index
 from ..devices import parse_dtype
-from ..errors import (
-    RemoteCodeError,
-)
+from ..errors import ModelResolveError, RemoteCodeError
 from ..hf_args import model_class_from, refuse_unknown, remote_auto_class
 from ..hf_conversions import prepare_checkpoint
 from ..plan import plan_devices
@@ -147,7 +145,41 @@ def model_config(folder: Path, given: Any = None, overrides: Mapping[str, Any] |
     return config
 
 
+def check_model_folder(folder: Path) -> None:
+    """A ModelResolveError naming the file for what would otherwise surface as a traceback from
+    transformers: a config.json or modules.json that is not JSON, or a model_type this
+    transformers does not know."""
+    config = folder / "config.json"
+    if (folder / "modules.json").is_file():
+        for module in read_json(folder / "modules.json", list):
+            sub = folder / str(module.get("path", "")) / "config.json"
+            if sub.is_file() and "model_type" in read_json(sub, dict):
+                config = sub
+                break
+    if config.is_file():
+        _check_model_type(config, read_json(config, dict))
+
+
+def _check_model_type(path: Path, config: dict[str, Any]) -> None:
+    transformers = transformers_module()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "auto_map" in config:  # the model's own code: bigload.load asks for trust_remote_code
+        return
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ModelResolveError(
+            f"'{path}' has no model_type, so transformers cannot tell which model it describes; "
+            "add it (e.g. \"model_type\": \"llama\") or save the config with save_pretrained")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelResolveError(
+            f"'{path}' has model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know. If the model is newer than this "
+            "transformers, upgrade it: pip install -U transformers")
+
+
 def _auto_config(folder: Path, trust_remote_code: bool | None) -> Any:
+    check_model_folder(folder)
     try:
         return transformers_module().AutoConfig.from_pretrained(
             folder, trust_remote_code=bool(trust_remote_code))

@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import (
-    ModelResolveError,
-)
+from ..errors import ModelResolveError
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +60,22 @@ class HubSource:
     force_download: bool = False
 
 
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: Path, kind: type | None = None) -> Any:
+    """The JSON document of ``path`` (of type ``kind`` when given); a ModelResolveError naming
+    the file when it is not UTF-8 JSON of that type."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelResolveError(f"'{path}' is not UTF-8 text ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ModelResolveError(
+            f"'{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
+            "Fix the file, or write it again with save_pretrained.") from err
+    if kind is not None and not isinstance(data, kind) or (
+            kind is list and not all(isinstance(m, dict) for m in data)):
+        raise ModelResolveError(f"'{path}' holds a JSON {type(data).__name__}; expected "
+                                f"{'a list of objects' if kind is list else 'an object'}")
+    return data
 
 
 ACCEPTED_ARGUMENTS: tuple[str, ...] = (
