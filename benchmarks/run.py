@@ -42,10 +42,11 @@ MATRIX: dict[str, list[tuple[str, str]]] = {
 }
 ALL_SCENARIOS = [*MATRIX, "plan"]
 ALWAYS = {"h2d"}  # floors that --tools does not filter out
-# bigload's default depends on the execution device (none ahead on the CPU, one on a GPU)
+# bigload's default reads one offloaded unit ahead; these rows pin the depth (the worker passes
+# BENCH_PREFETCH to bigload.load(prefetch=...): the library reads no environment variable)
 TOOL_ENV = {
-    "bigload-noprefetch": {"BIGLOAD_PREFETCH": "0"},
-    "bigload-prefetch": {"BIGLOAD_PREFETCH": "1"},
+    "bigload-noprefetch": {"BENCH_PREFETCH": "0"},
+    "bigload-prefetch": {"BENCH_PREFETCH": "1"},
 }
 
 

@@ -13,7 +13,6 @@ from ..devices import DeviceLike, format_size
 from ..errors import DeviceMapError, DoesNotFitError
 from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
-from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
 from .placements import STRATEGIES
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
@@ -88,7 +87,7 @@ def plan_devices(
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    placing = _Placing(model, entries, rule, budgets, targets, main)
+    placing = _Placing(model, entries, rule, budgets, targets, main, units)
     try:
         units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1 + depth))
     except DoesNotFitError:
@@ -102,7 +101,7 @@ def plan_devices(
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
         reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
-        prefetch=depth, tie_groups=tuple(tie_groups(model)),
+        prefetch=depth, tie_groups=tuple(e.fqns for e in entries if len(e.fqns) > 1),
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
@@ -119,10 +118,10 @@ class _Placing:
     budgets: Budgets
     targets: Mapping[str, int]
     main: str
+    whole: list[UnitSpec]  # the units before any streams in pieces
 
     def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
-        budget, said = self.budgets.limits.get(self.main), ()
-        units = plan_units(self.model, self.entries, self.rule)
+        budget, said, units = self.budgets.limits.get(self.main), (), self.whole
         placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
         streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
         if streamed:
