@@ -213,6 +213,10 @@ def describe_placement(model, folder, result) -> None:
     dm = W.device_map_of(model)
     result["device_map_known"] = dm is not None
     result["meta_tensors"] = W.meta_tensor_count(model)
+    plan = getattr(model, "bigload_plan", None)  # bigload: the budgets it planned with
+    if plan is not None:
+        result["budgets"] = {str(k): v for k, v in getattr(plan, "budgets", {}).items()}
+        result["budget_sources"] = dict(getattr(plan, "budget_sources", {}))
     if dm is None:  # no map (transformers when everything fits one device): where tensors are
         devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
         if len(devices) != 1 or "meta" in devices:
