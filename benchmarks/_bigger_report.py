@@ -87,6 +87,8 @@ def meta(args, started: dt.datetime) -> dict:
         "reps": args.reps, "rows": args.rows, "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len, "bigload_src": str(args.bigload_src),
         "bigload_rev": revision(args.bigload_src), "versions": versions,
+        "before_src": str(args.before_src) if args.before_src else None,
+        "before_rev": revision(args.before_src) if args.before_src else None,
         "machine": _report.machine_info(), "calls": args.calls,
         "budget_rule": args.budget_rule,
     }
@@ -164,26 +166,36 @@ def table(header, rows) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def with_twins(names) -> list[str]:
+    """Each row, then its ``@before`` twin (run with another bigload tree)."""
+    return [n for name in names for n in (name, f"{name}@before")]
+
+
+def call_of(calls, name: str) -> str:
+    base, _, tree = name.partition("@")
+    return calls.get(base, "") + (f" ({tree})" if tree else "")
+
+
 def generate_table(cs, ref, calls) -> list[str]:
     header = ["row", "call", "ok/runs", "OOM kills", "load s", "prefill s", "decode step s",
               "step ÷ floor", "read/step", "read/step ÷ disk tier", "disk tier",
               "peak cgroup", "anon (max)", "written", "same tokens"]
     rows = []
-    for name in (*GENERATE_ROWS, "compute"):
+    for name in (*with_twins(GENERATE_ROWS), "compute"):
         c = cs.get(name)
         if c is None:
             continue
         kills = str(c.total("oom_kills")) if name != "compute" else "–"
         peak = mib(c.med("cgroup_peak_bytes", failed_too=True))
         if not c.ok:
-            rows.append([name, calls.get(name, ""), c.count(), kills, ERR, *["–"] * 6, peak,
+            rows.append([name, call_of(calls, name), c.count(), kills, ERR, *["–"] * 6, peak,
                          "–", "–", "–"])
             continue
         disk, step = c.med("disk_bytes"), c.med("decode_step_s")
         read = c.med("read_per_step_bytes")
         floor = floor_s(cs, disk)[0] if name != "compute" else None
         rows.append([
-            name, calls.get(name, ""), c.count(), kills, sec(c.med("load_s")),
+            name, call_of(calls, name), c.count(), kills, sec(c.med("load_s")),
             sec(c.med("forward_s")), sec(step), times(step / floor) if step and floor else "–",
             mib(read), times(read / disk) if read is not None and disk else "–", mib(disk),
             peak if name != "compute" else "–",
@@ -209,7 +221,7 @@ def floors_table(cs) -> list[str]:
 
 def fits_table(cs) -> list[str]:
     rows = []
-    for name in ("fits", "fits-warm"):
+    for name in with_twins(("fits", "fits-warm")):
         c = cs.get(name)
         if c is None:
             continue
@@ -267,11 +279,13 @@ def targets(cs, baseline_cs) -> list[str]:
         if c is None:
             continue
         now = c.med("load_touch_s")
-        before = baseline_cs.get(name).med("load_touch_s") if baseline_cs and baseline_cs.get(
-            name) else None
+        twin = cs.get(f"{name}@before")  # interleaved: the same machine load as ``now``
+        then = twin if twin and twin.ok else (baseline_cs or {}).get(name)
+        before = then.med("load_touch_s") if then else None
+        where = "the @before rows" if then is twin else "the baseline run"
         ratio = now / before if now and before else None
         rows.append([f"{name}: load+touch of a model that fits ≤ 1.1× before",
-                     f"{sec(now)} s, before {sec(before)} s → {times(ratio)}" if before
+                     f"{sec(now)} s, before {sec(before)} s ({where}) → {times(ratio)}" if before
                      else f"{sec(now)} s (this is the 'before' figure; pass --baseline)",
                      verdict(ratio, 1.1) if ratio else "–"])
     return table(["target", "figures", "status"], rows)
@@ -322,6 +336,8 @@ def render(results, meta, *, raw: Path, baseline=None) -> str:
         f"cgroup (cgroup {meta['cgroup']}). Raw results: `{shown(raw)}`. "
         "How to read this: benchmarks/README.md (\"Bigger than RAM\").", "",
         f"- **bigload under test: {meta['bigload_rev']}** (`{meta['bigload_src']}`)",
+        *([f"- **`@before` rows: bigload {meta['before_rev']}** (`{meta['before_src']}`), "
+           "interleaved with the others"] if meta.get("before_src") else []),
         "- " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         *meta["machine"], *_report.contention(results), *capability(results),
         f"- Checkpoint: random-weight Llama, bf16, hidden {s['hidden_size']}, intermediate "

@@ -57,6 +57,8 @@ ROWS: dict[str, Row] = {
     "fits": Row("load", "fits", True, "cold", "`bigload.load(P_fit)` + touch, cold"),
     "fits-warm": Row("load", "fits", True, "warm", "`bigload.load(P_fit)` + touch, warm"),
 }
+BEFORE = "before"  # rows "<row>@before" run with --before-src, interleaved with the others
+TWINNED = ("bigload", "bigload-budget", "fits", "fits-warm")  # rows that run bigload
 BUDGET_SHARE = 2 / 3  # CPU budget: of what the limit leaves after the process's own imports
 FIT_SHARE = 0.5  # the model that fits: of what the limit leaves after the imports
 
@@ -136,11 +138,13 @@ def run_one(kind: str, row: str, folder: Path, args, *, in_cgroup: bool, cache: 
     resident = make_cold(files, args.cold) if cache == "cold" else make_warm(files)
     offload_dir = C.WORK_DIR / "offload" / uuid.uuid4().hex[:8]
     offload_dir.mkdir(parents=True)
+    row, _, tree = row.partition("@")  # "fits@before": the fits row, with --before-src
+    src = args.before_src if tree == BEFORE else args.bigload_src
     cmd = [sys.executable, "-m", "benchmarks._bigger_worker", kind, row, str(folder),
            "--budget", str(args.cpu_budget), "--offload-dir", str(offload_dir),
            "--ranges", str(args.ranges_file), "--new-tokens", str(args.new_tokens),
            "--prompt-len", str(args.prompt_len)]
-    env = {**os.environ, "PYTHONPATH": str(args.bigload_src), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     group = args.hierarchy.new(args.limit) if in_cgroup else None
     if group is not None:
@@ -160,7 +164,8 @@ def run_one(kind: str, row: str, folder: Path, args, *, in_cgroup: bool, cache: 
             result["error"] = f"killed by the OOM killer ({result.pop('stderr', '')})"
         group.remove()
     result.pop("stderr", None)
-    result.update(kind=kind, row=row, cache=cache, resident_before=resident,
+    result.update(kind=kind, row=f"{row}@{tree}" if tree else row, cache=cache,
+                  resident_before=resident,
                   in_cgroup=in_cgroup, process_s=time.perf_counter() - t0)
     return result
 
@@ -242,7 +247,7 @@ def measure(args, sink) -> list[dict]:
     for rep in range(args.reps):
         k = rep % len(rows)
         for row in rows[k:] + rows[:k]:  # rotate the order every repetition
-            spec = ROWS[row]
+            spec = ROWS[row.partition("@")[0]]
             folder = args.big if spec.checkpoint == "big" else args.fits
             log(f"rep {rep + 1}/{args.reps} {row}")
             r = run_one(spec.kind, row, folder, args, in_cgroup=spec.in_cgroup, cache=spec.cache)
@@ -271,6 +276,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--bigload-src", type=Path, default=C.REPO_ROOT / "src",
                    help="the bigload source tree the workers import (default: this tree's src/)")
+    p.add_argument("--before-src", type=Path, default=None,
+                   help="another bigload tree (e.g. a worktree of an older commit): every bigload "
+                        "row also runs with it, as <row>@before, interleaved with the others")
     p.add_argument("--cold", choices=["auto", "drop_caches", "fadvise"], default="auto",
                    help="how to drop the page cache: drop_caches where writable, else "
                         "posix_fadvise/MADV_PAGEOUT over the checkpoint files")
@@ -293,12 +301,15 @@ def parse_args(argv=None):
     if args.cold == "auto":
         args.cold = "drop_caches" if can_drop_caches() else "fadvise"
     args.bigload_src = args.bigload_src.resolve()
+    if args.before_src is not None:
+        args.before_src = args.before_src.resolve()
+        args.rows += [f"{r}@{BEFORE}" for r in args.rows if r in TWINNED]
     args.baseline_meta = None
     if args.baseline:
         first = json.loads(args.baseline.read_text().splitlines()[0])
         args.baseline_meta = first["meta"]
         for key in ("limit", "ratio"):
-            if args.baseline_meta[key] != getattr(args, key):
+            if args.baseline_meta[key] != getattr(args, key) and not args.render_only:
                 p.error(f"--baseline {args.baseline} ran with {key} {args.baseline_meta[key]}, "
                         f"not {getattr(args, key)}: compare like with like")
     return args
