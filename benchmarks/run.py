@@ -24,8 +24,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import _bigger_report, _report  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
-from benchmarks import _report  # noqa: E402
 
 # (tool, mode) pairs per scenario, in the order they appear in the tables
 LOADERS = ("bigload", "accelerate", "transformers")
@@ -253,7 +253,8 @@ def main(argv=None) -> int:
 def write_report(results, plan, meta, out: Path) -> None:
     text = _report.render(results, plan=plan, meta=meta)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    old = out.read_text() if out.exists() else ""
+    out.write_text(_bigger_report.keep_sections(old, text))  # bigger_than_ram.py's section
     log(f"wrote {out}")
 
 
