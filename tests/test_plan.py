@@ -377,3 +377,10 @@ def test_default_prefetch_reserve_holds_one_unit_ahead(max_memory, reserve):
     # the accelerator), on any main device
     plan = plan_devices(meta(), max_memory=max_memory, prefetch=None, headroom_bytes=0)
     assert plan.prefetch == 1 and plan.reserve_bytes == reserve
+
+
+def test_budgets_naming_only_disk_are_refused():
+    with pytest.raises(SizeError, match="names no memory device, only disk"):
+        plan_devices(meta(), max_memory={"disk": "10GB"})
+    with pytest.raises(SizeError, match="names no memory device"):
+        plan_devices(meta(), max_memory={"disk": 0})

@@ -71,7 +71,7 @@ def plan_inputs(draw):
     total = compute_module_sizes(model)[""]
     budget = st.integers(total // 5, total + 64) | st.just(0)
     max_memory = {i: draw(budget) for i in range(draw(st.integers(0, 3)))}
-    if draw(st.booleans()):
+    if draw(st.booleans()) or not max_memory:  # budgets that name no memory device are refused
         max_memory["cpu"] = draw(budget)
     disk = draw(st.sampled_from(["unbounded", "off", "bounded"]))
     if disk != "unbounded":

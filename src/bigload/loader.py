@@ -295,10 +295,11 @@ def _place_disk(jobs, converted, reader, loaded, journal, bar) -> None:  # noqa:
 def _place_direct(jobs, reader, plan, loaded, journal, bar) -> None:  # noqa: ANN001
     direct = [j for j in jobs if j.key is not None and j.placement != DISK]
     pin = plan.main.type != "cpu"
+    tight = any(u.placement == DISK for u in plan.units)  # memory is tight: drop the cache
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-load") as pool:
         for job, (new, stored_dtype, zero_copy) in zip(
-            direct, pool.map(lambda j: _read_one(j, reader, pin), direct)
+            direct, pool.map(lambda j: _read_one(j, reader, pin, tight), direct)
         ):
             journal.replace(job.tensor.slot, new)
             if job.placement == torch.device("cpu") and pin:
@@ -309,16 +310,17 @@ def _place_direct(jobs, reader, plan, loaded, journal, bar) -> None:  # noqa: AN
 
 
 def _read_one(
-    job: Job, reader: CheckpointReader, pin: bool
+    job: Job, reader: CheckpointReader, pin: bool, tight: bool
 ) -> tuple[torch.Tensor, torch.dtype, bool]:
     """Read, cast and place one tensor (runs in a worker thread; torch releases the GIL)."""
     entry = reader.index.entries[job.key]  # type: ignore[index]
     target = job.placement
     if target.type == "cpu" and entry.dtype == job.dtype and entry.byte_range is not None:
-        # the CPU tier is resident: read into memory of its own (the page cache is dropped
-        # behind the read), never a view of the file that a streaming disk tier could evict
+        # the CPU tier is resident: read into memory of its own, never a view of the file
+        # that a streaming disk tier would evict (the page cache it used dropped if memory is
+        # tight, else kept warm)
         identity = reader.index.identities.get(entry.file)
-        return read_resident(entry, identity, pin=pin), entry.dtype, False
+        return read_resident(entry, identity, pin=pin, drop=tight), entry.dtype, False
     value = reader.get(job.key)  # type: ignore[arg-type]
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)

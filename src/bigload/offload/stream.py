@@ -210,17 +210,18 @@ def _view(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
     return raw.view(like.dtype).view(like.shape)
 
 
-def read_resident(entry: Any, identity: FileIdentity | None = None, *,
-                  pin: bool = False) -> torch.Tensor:
+def read_resident(entry: Any, identity: FileIdentity | None = None, *, pin: bool = False,
+                  drop: bool = False) -> torch.Tensor:
     """The tensor of checkpoint ``entry`` (safetensors: ``file``, ``byte_range``, ``dtype``,
     ``shape``) read into memory of its own, in chunks, from the file ``identity`` describes. The
-    page cache is left as it is: it is reclaimable, and warm for the next load."""
+    page cache the read used is dropped with ``drop`` (where memory is tight), else kept: it is
+    reclaimable, and warm for the next load."""
     start, end = entry.byte_range
     raw = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
     target = memoryview(raw.numpy())
     for offset in range(0, end - start, CHUNK):
         piece = target[offset:offset + CHUNK]
-        if _read_at(Path(entry.file), identity, piece, start + offset, drop=False) < len(piece):
+        if _read_at(Path(entry.file), identity, piece, start + offset, drop=drop) < len(piece):
             raise CheckpointChangedError(
                 f"'{entry.file}' ended before byte {end} of {entry.name!r}: the file changed "
                 "since it was indexed. Load the model again.")

@@ -18,6 +18,7 @@ from ..devices import (
     parse_size,
     placement_str,
 )
+from ..errors import SizeError
 from .placements import tier_key
 
 CPU_FRACTION = 0.9  # of available RAM, the CPU budget when max_memory is not given
@@ -37,13 +38,23 @@ class Budgets:
 
 
 def read_budgets(max_memory: Mapping[DeviceLike, int | float | str] | None) -> Budgets:
-    """The budgets given (disk unbounded unless named), or detected on this machine."""
+    """The budgets given, or detected on this machine. Given budgets name every device to use:
+    a device left out gets nothing, disk is unbounded unless named (``"disk": 0`` forbids it),
+    and a set that names no memory device at all is refused (it would stream every weight
+    from disk with the RAM unused)."""
     if max_memory is None:
         limits, sources = detected_budgets(CPU_FRACTION)
     else:
         parsed = parse_max_memory(max_memory)
         limits = {placement_str(p): b for p, b in parsed.items()}
         sources = dict.fromkeys(limits, "given")
+        if set(limits) <= {DISK}:
+            raise SizeError(
+                f"max_memory={dict(max_memory)!r} names no memory device, only disk: every "
+                "weight would stream from disk while the RAM stays unused. Devices left out of "
+                "max_memory get nothing, so name them too (e.g. {'cpu': '8GiB', 0: '20GiB', "
+                "'disk': ...}), or leave max_memory out to use what this machine has free. To "
+                "stream everything from disk, give the CPU the room to run one unit at a time.")
     limits.setdefault(DISK, None)
     sources.setdefault(DISK, "unbounded")
     order = sorted(limits, key=tier_key)

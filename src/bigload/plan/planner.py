@@ -93,7 +93,9 @@ def plan_devices(
     except DoesNotFitError:
         if prefetch is not None or depth == 0:
             raise
-        depth = 0  # the default read-ahead gives way where the room holds one unit at a time
+        placed = None  # the default read-ahead gives way where the room holds one unit at a time
+    if placed is None:
+        depth = 0
         units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1))
         said += (f"nothing is read ahead: the room on {main} holds one offloaded unit at a time",)
     reserve = ReserveRule(room, offload_buffers, 1 + depth).need(offloaded(units, placed, main))
