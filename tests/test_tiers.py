@@ -234,3 +234,18 @@ def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager):
     os.replace(replaced, ckpt)  # a re-download or a save_pretrained into the same folder
     with torch.no_grad(), pytest.raises(CheckpointChangedError, match=str(ckpt.name)):
         model(torch.randn(2, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_disk_units_stream_through_a_pinned_pool_onto_the_gpu(ckpt, eager):
+    gpu_map = {"embed": 0, "layers.0": "cpu", "layers.1": "disk", "layers.2": "disk", "norm": 0}
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=gpu_map, prefetch=1)
+    state = state_of(model)
+    assert state.streamer is not None and state.streamer.pin
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(model(x.cuda()).cpu(), eager(x))
+    assert not state.swapped and not state.streaming
+    assert model.layers[1].mlp[0].weight.device.type == "cpu"  # back on its file view
