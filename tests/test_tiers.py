@@ -249,3 +249,12 @@ def test_disk_units_stream_through_a_pinned_pool_onto_the_gpu(ckpt, eager):
             torch.testing.assert_close(model(x.cuda()).cpu(), eager(x))
     assert not state.swapped and not state.streaming
     assert model.layers[1].mlp[0].weight.device.type == "cpu"  # back on its file view
+
+
+def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager):
+    # more units read ahead than reader threads: each fill waits on its reads, in another pool
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=6)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), eager(x))

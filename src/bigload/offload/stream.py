@@ -93,7 +93,10 @@ class Streamer:
         self._allocated = 0
         self._busy: dict[str, tuple[torch.Tensor, Future]] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-read")
+        # a unit's fill waits for its chunk reads: fills and reads run in pools of their own, so
+        # that any number of fills in flight can never hold every reader
+        self._fills = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bigload-fill")
+        self._reads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-read")
 
     def start(self, key: str, items: Sequence[StoredTensor]) -> None:
         with self._lock:
@@ -102,7 +105,7 @@ class Streamer:
             buffer = self._buffer()
             if buffer is None:
                 return
-            self._busy[key] = (buffer, self._pool.submit(self._fill, buffer, items))
+            self._busy[key] = (buffer, self._fills.submit(self._fill, buffer, items))
 
     def take(self, key: str, items: Sequence[StoredTensor]) -> dict[str, torch.Tensor]:
         with self._lock:
@@ -110,7 +113,7 @@ class Streamer:
             if busy is None:
                 buffer = self._buffer()
                 buffer = self._extra() if buffer is None else buffer
-                busy = self._busy[key] = (buffer, self._pool.submit(self._fill, buffer, items))
+                busy = self._busy[key] = (buffer, self._fills.submit(self._fill, buffer, items))
         return busy[1].result()
 
     def release(self, key: str, after: Any = None) -> None:
@@ -122,7 +125,8 @@ class Streamer:
                 self._free.append((busy[0], after))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._fills.shutdown(wait=True)
+        self._reads.shutdown(wait=True)
 
     def __deepcopy__(self, memo: dict) -> Streamer:
         return self
@@ -161,7 +165,7 @@ class Streamer:
                 f"{buffer.numel()}; the plan's streaming reserve is too small")
         chunks = [(span, offset) for span in plan.spans
                   for offset in range(0, span.length, CHUNK)]
-        reads = [self._pool.submit(self._read, buffer, span, offset) for span, offset in chunks]
+        reads = [self._reads.submit(self._read, buffer, span, offset) for span, offset in chunks]
         for read in reads:
             read.result()
         return {i.fqn: _view(buffer, plan.starts[i.fqn], i.tensor) for i in items
