@@ -191,6 +191,8 @@ def _jobs(
         if plan.unit_of(tensor.fqn) is None:
             uncovered.append(repr(tensor.fqn))
             continue
+        if not plan.holds(tensor.fqn):  # another rank's: it stays on meta here, on purpose
+            continue
         jobs.append(Job(tensor, key_for.get(tensor.fqn), plan.placement_of(tensor.fqn),
                         _target_dtype(tensor, dtype, keep_fp32), tensor.fqn in kept))
     if uncovered:
@@ -414,7 +416,8 @@ def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None
     """A MetaTensorError listing every tensor of ``model`` still on meta and not served by
     ``store``: nothing runs on uninitialised memory."""
     slots = [s for s in unique_slots(model)
-             if s.tensor.device.type == "meta" and s.fqn not in store.items]
+             if s.tensor.device.type == "meta" and s.fqn not in store.items
+             and _held_here(plan, s)]
     nonpersistent = [s for s in slots if not s.persistent]
     if nonpersistent:  # no checkpoint can fill them: the skeleton was built wrongly
         raise meta_problems(nonpersistent, "error", None, plan.main)  # type: ignore[misc]
@@ -426,6 +429,12 @@ def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None
             + "\nLoad them first (bigload.load_checkpoint_and_dispatch does both) or "
             "bigload.materialize(model, device, missing='init')."
         )
+
+
+def _held_here(plan: DevicePlan, slot: TensorSlot) -> bool:
+    """Whether this rank holds the tensor: another rank's tensors are meta here on purpose
+    (the plan names the rank that holds them)."""
+    return not slot.persistent or plan.holds(slot.fqn)
 
 
 def _planned(plan: DevicePlan, fqn: str) -> str:

@@ -57,10 +57,11 @@ def add_model_class(parser: argparse.ArgumentParser) -> None:
 def add_planning(parser: argparse.ArgumentParser) -> None:
     """The flags bigload.load plans with: budgets, dtype, strategy, no-split classes."""
     parser.add_argument(
-        "--max-memory", type=max_memory, metavar="KEY=SIZE,...",
+        "--max-memory", type=max_memory, metavar="KEY=SIZE,...", action="append",
         help="budgets per device: 0=20GiB,cpu=8GiB,disk=100GiB (keys: accelerator index, cuda:1, "
              "cpu, mps, disk; sizes in B, KB, MB, GB, KiB, MiB, GiB, ...). Default: free "
-             "accelerator memory, 90%% of available RAM, unbounded disk")
+             "accelerator memory, 90%% of available RAM, unbounded disk. With --world, once "
+             "for every rank or once per rank, in rank order")
     parser.add_argument("--dtype", type=dtype_name, default=None, metavar="DTYPE",
                         help=f"{' | '.join(DTYPES)} (default: auto = the config's dtype, else "
                              "the checkpoint's)")
@@ -72,6 +73,37 @@ def add_planning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch", type=_count, default=None, metavar="N",
                         help="offloaded units fetched ahead of the one running (default: 1 on "
                              "an accelerator, 0 on the CPU); the plan keeps room for them")
+
+
+def add_world(parser: argparse.ArgumentParser, *, auto: bool) -> None:
+    choices = "N or auto (the torch.distributed ranks this runs on)" if auto else "N"
+    parser.add_argument(
+        "--world", type=_world if auto else _positive_int, default=None, metavar="N",
+        help=f"plan across that many torch.distributed ranks, in stages ({choices}); "
+             "default: one process")
+
+
+def _world(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def budgets_arg(args: argparse.Namespace, world: int | str | None) -> Any:
+    """``--max-memory`` as the planner takes it: None, one mapping, or one per rank."""
+    given = args.max_memory
+    if not given:
+        return None
+    if len(given) == 1:
+        return given[0]
+    if not isinstance(world, int) or len(given) != world:
+        args.parser.error(f"--max-memory is given {len(given)} times: give it once (for every "
+                          f"rank) or once per rank with --world {len(given)}")
+    return given
 
 
 def _count(text: str) -> int:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import HelpFormatter, add_json, add_model_class, add_path, add_planning, dtype_str
+from .common import (
+    HelpFormatter,
+    add_json,
+    add_model_class,
+    add_path,
+    add_planning,
+    add_world,
+    budgets_arg,
+    dtype_str,
+)
 
 EPILOG = """\
 examples:
@@ -17,6 +26,9 @@ examples:
   bigload plan ./llama/ --strategy sequential --no-split LlamaDecoderLayer
   bigload plan ./llama/ --json > plan.json                # DevicePlan.from_json(...) reads it
   bigload plan meta-llama/Llama-3.1-8B                    # a model id in the local HF cache
+  bigload plan ./llama-405b/ --world 4 --max-memory 0=80GiB,1=80GiB,2=80GiB,3=80GiB,4=80GiB,\
+      5=80GiB,6=80GiB,7=80GiB,cpu=1TiB                     # 4 ranks of 8 GPUs: stages per rank
+  bigload plan ./llama/ --world 2 --max-memory cpu=4GiB --max-memory cpu=12GiB   # per rank
 """
 
 
@@ -29,9 +41,10 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     add_path(parser)
     add_planning(parser)
+    add_world(parser, auto=False)
     add_model_class(parser)
     add_json(parser)
-    parser.set_defaults(func=execute)
+    parser.set_defaults(func=execute, parser=parser)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -40,12 +53,16 @@ def execute(args: argparse.Namespace) -> int:
     model, index, config = hf.build_model_skeleton(
         args.path, dtype=args.dtype, model_class=args.model_class)
     dtype = hf.model_dtype(config, index, args.dtype)
-    plan = hf.plan_model(model, dtype=dtype, max_memory=args.max_memory, strategy=args.strategy,
-                         no_split_module_classes=args.no_split, prefetch=args.prefetch)
+    world = args.world or 1
+    plan = hf.plan_model(model, dtype=dtype, max_memory=budgets_arg(args, world),
+                         strategy=args.strategy, no_split_module_classes=args.no_split,
+                         prefetch=args.prefetch, world=world)
     if args.json:
         print(plan.to_json(indent=2))
         return 0
     budgets = "--max-memory" if args.max_memory else "detected (free memory of this machine)"
+    if world > 1 and not args.max_memory:
+        budgets += ", the same for every rank"
     print(f"{type(model).__name__} from '{index.root}' at {dtype_str(dtype)}; budgets: {budgets}")
     print(plan)
     return 0

@@ -19,6 +19,7 @@ from .common import (
     add_model_class,
     add_path,
     add_planning,
+    budgets_arg,
     print_json,
 )
 
@@ -98,7 +99,7 @@ def execute(args: argparse.Namespace) -> int:
         import sentence_transformers  # noqa: F401
     with _offload_dir(args.offload_dir) as offload_dir:
         start = time.perf_counter()
-        model = hf.load(folder, device_map=args.strategy, max_memory=args.max_memory,
+        model = hf.load(folder, device_map=args.strategy, max_memory=budgets_arg(args, None),
                         dtype=args.dtype, offload_dir=offload_dir, missing=args.missing,
                         model_class=args.model_class, no_split_module_classes=args.no_split,
                         prefetch=args.prefetch)

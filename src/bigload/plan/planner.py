@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import nn
@@ -14,18 +14,20 @@ from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
+from .ranks import RankOptions, plan_ranks
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
 from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import UnitSpec, class_names, no_split_rule, plan_units
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+MaxMemory = Mapping[DeviceLike, int | float | str]
 
 
 def plan_devices(
     model: nn.Module,
     *,
-    max_memory: Mapping[DeviceLike, int | float | str] | None = None,
+    max_memory: MaxMemory | Sequence[MaxMemory] | None = None,
     strategy: Strategy = "auto",
     no_split_module_classes: Iterable[str | type] | str | type | None = None,
     dtype: DtypeLike | None = None,
@@ -36,6 +38,8 @@ def plan_devices(
     index: Any = None,
     prefetch: int | None = None,
     preload_module_classes: Iterable[str | type] | None = None,
+    world: int = 1,
+    extra_bytes: Mapping[str, int] | None = None,
 ) -> DevicePlan:
     """Decide the placement of every parameter and buffer of ``model`` (a meta model is fine).
 
@@ -64,10 +68,17 @@ def plan_devices(
     ``offload_buffers``, the buffers of offloaded units. The plan carries ``prefetch``.
     Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
     ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
+
+    Ranks: ``world > 1`` plans over that many torch.distributed ranks: units split into
+    contiguous stages balanced by bytes, then each stage on its rank's own tiers as above.
+    ``max_memory`` is then one mapping per rank (or one for every rank; None: each rank like
+    this machine). ``extra_bytes`` (module fqn → bytes) is what a rank keeps for a module
+    besides its weights (its KV cache, the logits of the head): it counts in the balance.
     """
     if strategy not in STRATEGIES:
         raise DeviceMapError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    budgets = read_budgets(max_memory)
+    per_rank = _per_rank(max_memory, world)
+    budgets = per_rank[0]
     overrides = {
         **(sizes_from_index(index, dtype) if index is not None else {}),
         **(tensor_sizes or {}),
@@ -81,22 +92,28 @@ def plan_devices(
                                                      "preload_module_classes"),
                           rule.fqns, rule.container)
     units = plan_units(model, entries, rule)
+
+    def place(stage: list[UnitSpec], budgets: Budgets, targets: Mapping[str, int], main: str,
+              reserve_rule: ReserveRule, adjust: Callable[[list[UnitSpec]], list[UnitSpec]],
+              ) -> tuple[list[UnitSpec], Placed, int, tuple[str, ...]]:
+        return place_stage(model, entries, rule, stage, budgets, targets, main, reserve_rule,
+                           adjust)
+
+    if world > 1:
+        if preload_module_classes:
+            raise DeviceMapError("preload_module_classes is not supported over several ranks")
+        return plan_ranks(units, per_rank, place, extra_bytes=extra_bytes, tie_groups=tuple(
+            tie_groups(model)), notes=notes, options=RankOptions(
+                strategy, headroom_bytes, prefetch, offload_buffers))
     main = choose_main(budgets.accelerators())
     room = headroom(headroom_bytes, budgets, main)
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
     reserve_rule = ReserveRule(room, offload_buffers, 1 + depth)
-    placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-    streamed = _to_stream(model, units, placed, budgets.limits.get(main), main, reserve_rule)
-    if streamed:
-        units = plan_units(model, entries, rule, split=streamed)
-        placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-        notes += (f"streamed in pieces (too big for the room on {main}): "
-                  + ", ".join(sorted(repr(n) for n in streamed)),)
-    check_main_device(units, placed, budgets.limits.get(main), main, reserve_rule)
-    placed = fill(units, placed, budgets, targets, main, reserve_rule)
-    reserve = max(reserve_rule.need(offloaded(units, placed, main)), 0)
+    units, placed, reserve, streamed = place(units, budgets, targets, main, reserve_rule,
+                                             lambda us: us)
+    notes += streamed
     notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
@@ -105,6 +122,51 @@ def plan_devices(
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
+
+
+def place_stage(
+    model: nn.Module, entries: Any, rule: Any, units: list[UnitSpec], budgets: Budgets,
+    targets: Mapping[str, int], main: str, reserve_rule: ReserveRule,
+    adjust: Callable[[list[UnitSpec]], list[UnitSpec]],
+) -> tuple[list[UnitSpec], Placed, int, tuple[str, ...]]:
+    """``units`` (all of a model, or one rank's stage) on ``budgets``: assigned, offloaded ones
+    too big for the main device streamed in pieces, the budget filled. ``adjust`` sizes the
+    units as their rank counts them (a stage's extras). Returns the units (pieces where they
+    stream), their placements, the main device's reserve and a note."""
+    units = adjust(units)
+    notes: tuple[str, ...] = ()
+    placed, reserve = solve(units, budgets, targets, main, reserve_rule)
+    streamed = _to_stream(model, units, placed, budgets.limits.get(main), main, reserve_rule)
+    if streamed:
+        names = {u.name for u in units}
+        units = adjust([u for u in plan_units(model, entries, rule, split=streamed)
+                        if (u.piece_of or u.name) in names])
+        placed, reserve = solve(units, budgets, targets, main, reserve_rule)
+        notes += (f"streamed in pieces (too big for the room on {main}): "
+                  + ", ".join(sorted(repr(n) for n in streamed)),)
+    check_main_device(units, placed, budgets.limits.get(main), main, reserve_rule)
+    placed = fill(units, placed, budgets, targets, main, reserve_rule)
+    reserve = max(reserve_rule.need(offloaded(units, placed, main)), 0)
+    return units, placed, reserve, notes
+
+
+def _per_rank(max_memory: Any, world: int) -> list[Budgets]:
+    """One Budgets per rank: a sequence gives each rank its own, a mapping (or None) is the
+    same for every rank."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise DeviceMapError(f"world={world!r}: give the number of ranks (an int >= 1)")
+    if isinstance(max_memory, Budgets):
+        return [max_memory] * world
+    if max_memory is None or isinstance(max_memory, Mapping):
+        return [read_budgets(max_memory)] * world
+    if isinstance(max_memory, (str, bytes)) or not isinstance(max_memory, Sequence):
+        raise DeviceMapError(
+            f"max_memory={max_memory!r}: give a mapping ({{'cpu': '8GiB'}}) or one per rank")
+    if len(max_memory) != world:
+        raise DeviceMapError(
+            f"max_memory has budgets for {len(max_memory)} rank(s) but world={world}: give one "
+            "mapping per rank, or one mapping for every rank")
+    return [m if isinstance(m, Budgets) else read_budgets(m) for m in max_memory]
 
 
 def _to_stream(
