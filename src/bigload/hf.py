@@ -74,6 +74,10 @@ class LoadOptions:
     attn_implementation: str | None = None
     key_mapping: Mapping[str, str] | None = None
     trust_remote_code: bool | None = None
+    world: int | str | None = None  # several torch.distributed ranks (bigload.distributed)
+    timeout: float | None = None  # seconds a rank waits for another
+    context_tokens: int | None = None  # KV-cache tokens each stage keeps room for
+    ranks: Any = None  # the group, once joined
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    world: int | str | None = None,
+    timeout: float | None = None,
+    context_tokens: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a transformers or sentence-transformers model folder, or a Hub model id, ready to run.
@@ -135,6 +142,15 @@ def load(
     A sentence-transformers folder returns the library's own object (``SentenceTransformer``,
     ``CrossEncoder``, ``SparseEncoder``... per its config, or ``model_class``); keyword arguments
     of that class (``prompts``, ``truncate_dim``, ``config_kwargs``...) are passed to it.
+
+    ``world="auto"`` (or the number of ranks) spans the torch.distributed ranks: call it on
+    every rank (torch.distributed is initialised from the environment if it is not yet). The
+    ranks agree on versions, checkpoint and plan before any weight is read; each reads only
+    its own stage's tensors; calls (the model, ``generate``) run on every rank in lockstep
+    (bigload.distributed). ``max_memory`` is then ``"auto"``/None (each rank's free memory),
+    one mapping for every rank, or one per rank; ``timeout`` (seconds) bounds every wait on
+    another rank; ``context_tokens`` is the KV cache each stage keeps room for (default:
+    min(4096, the model's positions)).
     """
     renamed, rest = translate_kwargs(kwargs)
     options = LoadOptions(
@@ -145,15 +161,33 @@ def load(
         no_split_module_classes=no_split_module_classes, offload_buffers=offload_buffers,
         headroom_bytes=headroom_bytes, ignore_mismatched_sizes=ignore_mismatched_sizes,
         attn_implementation=attn_implementation, key_mapping=key_mapping,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, world=world, timeout=timeout,
+        context_tokens=context_tokens,
     )
-    source = HubSource(revision, token, cache_dir, local_files_only, force_download)
+    if world not in (None, 1):
+        from .distributed.load import across_ranks
+
+        with across_ranks(options) as spanned:
+            return _load(path_or_id, spanned, model_class, config, subfolder, rest, HubSource(
+                revision, token, cache_dir, local_files_only, force_download))
+    return _load(path_or_id, options, model_class, config, subfolder, rest,
+                 HubSource(revision, token, cache_dir, local_files_only, force_download))
+
+
+def _load(path_or_id: str | os.PathLike, options: LoadOptions, model_class: Any, config: Any,
+          subfolder: str, rest: dict[str, Any], source: HubSource) -> nn.Module:
     folder = resolve_model_path(path_or_id, subfolder=subfolder, source=source,
-                                trust_remote_code=trust_remote_code, progress=progress)
+                                trust_remote_code=options.trust_remote_code,
+                                progress=options.progress)
     if (folder / "modules.json").is_file():
         from . import sentence_transformers_compat as st
 
         if not st.names_transformers_class(model_class):
+            if options.ranks is not None:
+                raise UnsupportedArgumentError(
+                    f"'{folder}' is a sentence-transformers folder: across ranks, load its "
+                    f"transformer (model_class='AutoModel', or the folder modules.json names); "
+                    "pooling then runs on the rank that holds the last hidden states.")
             if config is not None:
                 raise UnsupportedArgumentError(
                     "config=... applies to a transformers folder; for the sentence-transformers "
@@ -386,6 +420,7 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
     from .runtime import dispatch
 
     key_map = {**(checkpoint_key_map(model) or {}), **(options.key_mapping or {})}
+    fingerprinted = index  # as stored (the ranks compare it), before transformers' conversions
     index, key_map = prepare_checkpoint(model, index, key_map or None)
     mismatched: tuple = ()
     missing = options.missing or "init"
@@ -393,8 +428,15 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
         index, mismatched, others_missing = _without_mismatched(model, index, key_map)
         if mismatched and missing == "error" and not others_missing:
             missing = "init"  # what ignore_mismatched_sizes asks for the mismatched tensors
-    plan = _plan(model, dtype, options, index)
+    if options.ranks is not None:  # every rank plans the stages; they agree before reading
+        from .distributed.load import plan_stage
+
+        plan = plan_stage(options.ranks, model, index, dtype, options, stored=fingerprinted)
+    else:
+        plan = _plan(model, dtype, options, index)
     offload_dir, temporary = _offload_dir(options.offload_dir)
+    if options.ranks is not None and not temporary:
+        offload_dir = Path(offload_dir) / f"rank{options.ranks.rank}"
     weights = WeightOptions(
         dtype=dtype, keep_in_fp32_modules=_keep_in_fp32(model, dtype), missing=missing,  # type: ignore[arg-type]
         key_map=key_map, offload_folder=offload_dir, progress=options.progress,
@@ -403,6 +445,10 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
         report = verify(model, index, key_map=key_map, plan=plan)
         loaded = load_weights(model, index, plan, weights, verified=report)
     dispatch(model, plan, loaded.store)
+    if options.ranks is not None:  # calls run in lockstep with the other ranks
+        from .distributed.load import join_lockstep
+
+        join_lockstep(options.ranks, model, plan)
     object.__setattr__(model, "bigload_report", loaded.report)
     _warn_initialised(loaded.report, mismatched)
     if temporary and loaded.report.offload_folder:
