@@ -8,6 +8,8 @@ references come from one process (bigload.load, the same kernels: equal bit for 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "t5": _save("t5", root / "t5"),
         "bert": _save("bert", root / "bert"),
         "bart": _save("bart", root / "bart"),
+        "llama4": _save("llama", root / "llama4", num_hidden_layers=4),
+        "llama_wide": _save("llama", root / "llama_wide", num_hidden_layers=4, hidden_size=64),
     }
 
 
@@ -227,3 +231,154 @@ def test_three_ranks_gpt_bigcode_bert_match_one_process(folders: dict[str, Path]
     assert _equal_where_held(results, lambda r: r["bert_logits"], bert_ref) == 1
     for res in results:
         assert torch.equal(res["code_greedy"], code_greedy)
+
+
+# --- tiers inside a rank, uneven stages ----------------------------------------------------------
+def disk_and_uneven(rank: int, world: int, folders: dict[str, Path],
+                    budgets: list[dict[str, str]]) -> dict[str, Any]:
+    model = _load(folders["llama4"], max_memory=budgets)
+    ids = torch.tensor(PROMPT)
+    view = model.bigload_plan
+    with torch.no_grad():
+        logits = _held(model, model(ids).logits)
+    return {"units": [(u.name, u.rank, u.placement) for u in view.units if u.rank == rank],
+            "bytes": dict(model.bigload_report.bytes_per_device), "logits": logits,
+            "greedy": model.generate(ids, max_new_tokens=5, do_sample=False)}
+
+
+def test_uneven_budgets_and_disk_offload_inside_each_rank(folders: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    import bigload
+
+    model = bigload.load(folders["llama4"])
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        ref = model(ids).logits
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False)
+    total = sum(u.size_bytes for u in model.bigload_plan.units)
+    # together the ranks hold less than the model in memory: each sends part to its own disk,
+    # and rank 0 (a third of rank 1's memory) gets the smaller stage
+    budgets = [{"cpu": str(total // 6)}, {"cpu": str(total // 2)}]
+    results = ok(run_ranks(disk_and_uneven, 2, tmp_path, folders, budgets))
+    stage = [len({".".join(u[0].split(".")[:3]) for u in r["units"] if "layers" in u[0]})
+             for r in results]  # layers (a layer may stream in pieces)
+    assert stage[0] < stage[1], stage
+    for r in results:
+        assert any(p == "disk" for _, _, p in r["units"]), r["units"]
+        assert r["bytes"].get("disk", 0) > 0
+        assert torch.equal(r["greedy"], greedy)
+    assert _equal_where_held(results, lambda r: r["logits"], ref) == 1
+
+
+# --- faults --------------------------------------------------------------------------------------
+def _first_unit_of(model: Any, rank: int) -> Any:
+    name = next(u.name for u in model.bigload_plan.units
+                if u.rank == rank and "layers" in u.name)
+    return model.get_submodule(name)
+
+
+def fails_mid_call(rank: int, world: int, folders: dict[str, Path], how: str,
+                   bad: int) -> dict[str, Any]:
+    from bigload.errors import RankFailedError
+
+    model = _load(folders["llama4"], max_memory={"cpu": "1GB"})
+    ids = torch.tensor(PROMPT)
+    model.generate(ids, max_new_tokens=2, do_sample=False)  # a call that works, first
+
+    def fail(*_: Any) -> None:
+        if how == "raise":
+            raise ValueError(f"boom on rank {rank}")
+        os._exit(7)  # killed: no error reported, no cleanup
+
+    if rank == bad:
+        _first_unit_of(model, rank).register_forward_pre_hook(fail)
+    start = time.monotonic()
+    try:
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    except RankFailedError as err:
+        return {"failed": err.rank, "message": err.message, "after": time.monotonic() - start}
+    except ValueError as err:
+        return {"raised": str(err), "after": time.monotonic() - start}
+    return {"finished": True}
+
+
+@pytest.mark.parametrize(("how", "bad"), [("raise", 1), ("kill", 2), ("kill", 0)])
+def test_a_rank_that_raises_or_dies_mid_call_fails_every_rank(
+        folders: dict[str, Path], tmp_path: Path, how: str, bad: int) -> None:
+    results = run_ranks(fails_mid_call, 3, tmp_path, folders, how, bad, timeout=90)
+    for rank, res in enumerate(results):
+        if rank == bad:
+            assert res is None if how == "kill" else res["ok"]["raised"] == "boom on rank 1"
+            continue
+        assert res is not None and "ok" in res, res and res.get("traceback")
+        out = res["ok"]
+        assert out.get("failed") == bad, out
+        assert out["after"] < RANK_TIMEOUT_S  # at once, not at the timeout
+        if how == "raise":
+            assert "ValueError: boom on rank 1" in out["message"]
+        elif bad == 0:
+            assert "rendezvous store" in out["message"]
+        else:
+            assert "left without reporting an error" in out["message"]
+
+
+# --- launched differently ------------------------------------------------------------------------
+def mismatched(rank: int, world: int, folders: dict[str, Path]) -> dict[str, Any]:
+    import bigload
+    from bigload.distributed import agree
+    from bigload.errors import DoesNotFitError, RankMismatchError
+
+    found: dict[str, Any] = {}
+
+    def attempt(key: str, **kwargs: Any) -> None:
+        folder = kwargs.pop("folder", folders["llama4"])
+        try:
+            _load(folder, **kwargs)
+            found[key] = "loaded"
+        except (RankMismatchError, DoesNotFitError) as err:
+            found[key] = (type(err).__name__, str(err), getattr(err, "ranks", None))
+
+    # another checkpoint on rank 1
+    attempt("checkpoint", max_memory={"cpu": "1GB"},
+            folder=folders["llama_wide"] if rank == 1 else folders["llama4"])
+    # another bigload version on rank 1
+    version = bigload.__version__
+    bigload.__version__ = "9.9.9" if rank == 1 else version
+    attempt("versions", max_memory={"cpu": "1GB"})
+    bigload.__version__ = version
+    # other planning options on rank 1: another plan
+    attempt("plan", max_memory={"cpu": "1GB"}, no_split_module_classes=["LlamaDecoderLayer"]
+            if rank == 1 else [])
+    # rank 1 is given more memory than its machine has
+    real = agree.free_memory_bytes
+    agree.free_memory_bytes = (lambda device: 1000) if rank == 1 else real
+    attempt("memory", max_memory={"cpu": "1GB"})
+    agree.free_memory_bytes = real
+    # and then a good launch, called with another prompt on rank 1
+    model = _load(folders["llama4"], max_memory={"cpu": "1GB"})
+    prompt = [[5, 6, 7, 9]] if rank == 1 else [[5, 6, 7, 8]]
+    try:
+        model.generate(torch.tensor(prompt), max_new_tokens=2)
+        found["inputs"] = "ran"
+    except RankMismatchError as err:
+        found["inputs"] = (type(err).__name__, str(err), err.ranks)
+    found["after"] = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=2)
+    return found
+
+
+def test_mismatched_launches_fail_on_every_rank_before_reading(folders: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    results = ok(run_ranks(mismatched, 2, tmp_path, folders))
+    for res in results:
+        kind, text, ranks = res["checkpoint"]
+        assert kind == "RankMismatchError" and ranks == [1] and "different checkpoint" in text
+        kind, text, ranks = res["versions"]
+        assert kind == "RankMismatchError" and "bigload 9.9.9" in text
+        kind, text, ranks = res["plan"]
+        assert kind == "RankMismatchError" and "another plan" in text
+        kind, text, _ = res["memory"]
+        assert kind == "DoesNotFitError" and "rank 1" in text and "rank 0" not in text
+        kind, text, ranks = res["inputs"]
+        assert kind == "RankMismatchError" and ranks == [1]
+    # a mismatch leaves the group usable: the next call runs on every rank
+    assert torch.equal(results[0]["after"], results[1]["after"])

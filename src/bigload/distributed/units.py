@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..errors import DistributedError, RankMismatchError
+from ..errors import DistributedError, RankFailedError, RankMismatchError
 from ..plan import DevicePlan
 from ..plan.types import EVERY_RANK
 from ..slots import iter_slots, tensor_groups
 from . import transport
-from .faults import failing_together
+from .faults import failing_together, report
 from .group import Group
 from .lockstep import ALL, Lockstep
 
@@ -237,9 +237,10 @@ def _leave(state: RanksState, error: BaseException | None) -> None:
     if ls.depth > 0:
         return
     ls.pause()
-    if error is not None:
-        with failing_together(ls.group):  # tell the others (or pass their error on)
-            raise error
+    if isinstance(error, RankFailedError):
+        ls.group.break_up()
+    elif error is not None and not isinstance(error, RankMismatchError):
+        report(ls.group, error)  # the others fail with this rank's error
 
 
 def _lockstep_generate(generate: Callable) -> Callable:
