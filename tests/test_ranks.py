@@ -382,3 +382,59 @@ def test_mismatched_launches_fail_on_every_rank_before_reading(folders: dict[str
         assert kind == "RankMismatchError" and ranks == [1]
     # a mismatch leaves the group usable: the next call runs on every rank
     assert torch.equal(results[0]["after"], results[1]["after"])
+
+
+# --- the command line ---------------------------------------------------------------------------
+def cli_run(rank: int, world: int, folder: Path) -> dict[str, Any]:
+    import contextlib
+    import io
+    import json
+
+    from bigload.cli.main import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["run", str(folder), "--world", "auto", "--max-memory", "cpu=1GB",
+                     "--max-new-tokens", "4", "--json"])
+    text = stdout.getvalue()
+    return {"code": code, "out": json.loads(text) if text else None}
+
+
+def test_cli_run_across_ranks_prints_once_with_each_ranks_figures(tmp_path: Path) -> None:
+    import bigload
+    from test_cli import WORDS, _tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    results = ok(run_ranks(cli_run, 2, tmp_path, folder))
+    assert [r["code"] for r in results] == [0, 0]
+    assert results[1]["out"] is None  # rank 0 prints
+    out = results[0]["out"]
+    assert out["plan"]["world_size"] == 2 and len(out["ranks"]) == 2
+    assert set(out["plan"]["devices"]) >= {"rank0:cpu", "rank1:cpu"}
+    one = bigload.load(folder)
+    tokenizer = _tokenizer()
+    ids = tokenizer("Once upon a time", return_tensors="pt")
+    expected = one.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert out["result"]["generated"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_cli_run_nproc_launches_torchrun_with_the_same_command(monkeypatch: Any) -> None:
+    import subprocess
+
+    from bigload.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    assert main(["run", "some/folder", "--nproc", "3", "--max-memory", "cpu=1GB"]) == 0
+    command = calls[0]
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node=3"]
+    assert command[5:] == ["-m", "bigload", "run", "some/folder", "--max-memory", "cpu=1GB",
+                           "--world", "auto"]

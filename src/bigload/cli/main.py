@@ -89,10 +89,12 @@ def logging_to_stderr(verbose: int) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bigload`` with ``argv`` (default: the command line); return the exit code."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors
         return _code(exit_)
+    args.argv = argv  # `bigload run --nproc N` launches itself again under torchrun
     try:
         with logging_to_stderr(args.verbose):
             return args.func(args)

@@ -19,6 +19,7 @@ from .common import (
     add_model_class,
     add_path,
     add_planning,
+    add_world,
     budgets_arg,
     print_json,
 )
@@ -44,8 +45,14 @@ examples:
       --offload-dir /scratch/llama-offload         # kept: reused by the next run
   bigload run ./llama/ --missing error             # refuse a checkpoint that lacks tensors
   bigload run ./llama/ --json | jq .result
+  bigload run ./llama/ --nproc 2 --max-memory cpu=2GiB   # two ranks on this machine (torchrun)
+  torchrun --nproc-per-node 2 -m bigload run ./llama/ --world auto --prompt "Hello"
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      -m bigload run ./llama/ --world auto         # on each of two machines
 
-What runs: a sentence-transformers folder (modules.json) → embeddings (its pooling); a causal LM
+Across ranks (--world, --nproc) every rank loads only its stage and runs the same calls; rank 0
+prints the result and each rank's memory and bytes read. What runs: a sentence-transformers
+folder (modules.json) → embeddings (its pooling; one process only); a causal LM
 (config.architectures *ForCausalLM, or a seq2seq LM) → greedy generation; any other model →
 mean-pooled last_hidden_state. The offload directory, needed only when disk tensors must be
 converted (a dtype change, a torch .bin checkpoint), defaults to a temporary one removed at exit.
@@ -61,6 +68,9 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     add_path(parser, optional=True)
     add_planning(parser)
+    add_world(parser, auto=True)
+    parser.add_argument("--nproc", type=_positive, metavar="N",
+                        help="run N ranks on this machine: launches torchrun with --world auto")
     parser.add_argument("--offload-dir", metavar="DIR",
                         help="where converted disk tensors are written (default: a temporary "
                              "directory removed at exit)")
@@ -91,29 +101,71 @@ def _positive(text: str) -> int:
 def execute(args: argparse.Namespace) -> int:
     from bigload import hf
 
+    if args.nproc is not None:
+        return launch(args)
+    world = args.world
     folder = hf.resolve_model_path(args.path) if args.path else default_model_path()
     kind = model_kind(folder, args.model_class)
     _check_inputs(args, kind)
+    if world is not None and kind == "sentence":
+        args.parser.error("a sentence-transformers folder runs in one process; across ranks "
+                          "run its transformer folder (the path its modules.json names)")
     tokenizer = load_tokenizer(folder) if kind != "sentence" else None
     if kind == "sentence":  # sentence-transformers builds the model: its import is not the load
         import sentence_transformers  # noqa: F401
     with _offload_dir(args.offload_dir) as offload_dir:
         start = time.perf_counter()
-        model = hf.load(folder, device_map=args.strategy, max_memory=budgets_arg(args, None),
+        model = hf.load(folder, device_map=args.strategy, max_memory=budgets_arg(args, world),
                         dtype=args.dtype, offload_dir=offload_dir, missing=args.missing,
                         model_class=args.model_class, no_split_module_classes=args.no_split,
-                        prefetch=args.prefetch)
+                        prefetch=args.prefetch, world=world)
         seconds = time.perf_counter() - start
         result = run_model(model, kind, tokenizer, args)
     out = {"model": str(folder), "kind": kind, "model_class": model.bigload_report.model_class,
            "plan": plan_summary(model.bigload_plan), "load_seconds": seconds,
            "peak_rss_bytes": peak_rss_bytes(), "load_report": report_summary(model.bigload_report),
            "result": result}
+    if model.bigload_plan.world_size > 1:
+        out["ranks"] = rank_summaries(out)
+        if model.bigload_plan.rank != 0:
+            return 0  # rank 0 prints
     if args.json:
         print_json(out)
     else:
         print("\n".join(render(out)))
     return 0
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``bigload run --nproc N``: the same command on N local ranks, under torchrun."""
+    import subprocess
+
+    argv, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    if not any(t == "--world" or t.startswith("--world=") for t in argv):
+        argv += ["--world", "auto"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "bigload", *argv]
+    return subprocess.call(command)
+
+
+def rank_summaries(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each rank loaded and its peak memory (gathered on every rank)."""
+    import torch.distributed as dist
+
+    mine = {"peak_rss_bytes": out["peak_rss_bytes"],
+            "loaded": out["load_report"]["loaded"],
+            "bytes_per_device": out["load_report"]["bytes_per_device"],
+            "load_seconds": out["load_seconds"]}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def default_model_path() -> Path:
@@ -216,6 +268,10 @@ def mean_pooled(model: Any, tokenizer: Any, texts: Sequence[str]) -> Any:
     batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
     batch = batch.to(model.bigload_plan.main_device)
     out = model(**batch, output_hidden_states=True)
+    if model.bigload_plan.world_size > 1:  # the hidden states are on the last stage's rank
+        from bigload import distributed
+
+        out = distributed.gather(model, out)
     tokens = getattr(out, "last_hidden_state", None)
     if tokens is None:
         tokens = out.hidden_states[-1]
@@ -246,22 +302,32 @@ def peak_rss_bytes() -> int:
 
 # --- summaries ---------------------------------------------------------------------------------
 def plan_summary(plan: Any) -> dict[str, Any]:
-    """Per device: units, bytes, budget and the fqn ranges it holds (a compact DevicePlan)."""
+    """Per device: units, bytes, budget and the fqn ranges it holds (a compact DevicePlan).
+    Across ranks, a device is named with its rank (``rank1:cpu``)."""
     from bigload.plan import runs
 
     devices: dict[str, dict[str, Any]] = {}
     for run in runs(plan.units):
-        where = devices.setdefault(run[0].placement, {
-            "units": 0, "bytes": 0, "budget_bytes": plan.budgets.get(run[0].placement),
-            "ranges": []})
+        placement, rank = run[0].placement, run[0].rank
+        key = placement if plan.world_size == 1 else f"rank{_rank_name(rank)}:{placement}"
+        budgets = plan.budgets if plan.world_size == 1 or rank < 0 else plan.ranks[rank].budgets
+        where = devices.setdefault(key, {
+            "units": 0, "bytes": 0, "budget_bytes": budgets.get(placement), "ranges": []})
         where["units"] += len(run)
         where["bytes"] += sum(u.size_bytes for u in run)
         first, last = (u.name or "<whole model>" for u in (run[0], run[-1]))
         where["ranges"].append(first if len(run) == 1 else f"{first} … {last}")
     order = list(plan.bytes_per_device) + [d for d in devices if d not in plan.bytes_per_device]
+    if plan.world_size > 1:
+        order = list(devices)
     return {"main_device": plan.main_device, "strategy": plan.strategy,
+            "world_size": plan.world_size,
             "reserve_bytes": plan.reserve_bytes, "units": len(plan.units),
             "devices": {d: devices[d] for d in order if d in devices}}
+
+
+def _rank_name(rank: int) -> str:
+    return "all" if rank < 0 else str(rank)
 
 
 def report_summary(report: Any) -> dict[str, Any]:
@@ -280,12 +346,18 @@ def render(out: dict[str, Any]) -> list[str]:
     plan, report = out["plan"], out["load_report"]
     lines = [f"{out['model_class']} ({_KIND_NAMES[out['kind']]}) from '{out['model']}'",
              f"plan: {_count(plan['units'], 'unit')}, strategy {plan['strategy']}, main device "
-             f"{plan['main_device']}, reserve {format_size(plan['reserve_bytes'])}"]
+             f"{plan['main_device']}, reserve {format_size(plan['reserve_bytes'])}"
+             + (f", over {plan['world_size']} ranks" if plan.get("world_size", 1) > 1 else "")]
     for device, d in plan["devices"].items():
         budget = "" if d["budget_bytes"] is None else f" of {format_size(d['budget_bytes'])}"
         units = _count(d["units"], "unit")
         lines.append(f"  {device:8} {units:>10}  {format_size(d['bytes']) + budget:>22}  "
                      f"{', '.join(d['ranges'])}")
+    for rank, r in enumerate(out.get("ranks", [])):
+        read = format_size(sum(r["bytes_per_device"].values()))
+        lines.append(f"  rank {rank}: loaded {r['loaded']} tensors ({read}) in "
+                     f"{r['load_seconds']:.2f} s; peak memory (RSS) "
+                     f"{format_size(r['peak_rss_bytes'])}")
     lines += [
         f"load: {out['load_seconds']:.2f} s (tensors placed in {report['seconds']:.2f} s); "
         f"peak memory (RSS): {format_size(out['peak_rss_bytes'])}",
