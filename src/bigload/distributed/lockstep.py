@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import DistributedError
 from . import transport
 from .group import Group
+from .shadow import FastMeta
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Lockstep:
         self.weight_holders = weight_holders  # id(weight) -> ranks that hold it
         self.device = device
         self.mode = BetweenUnits(self)
+        self.fast = FastMeta()  # another rank's units run here as fast meta shadows
         self.depth = 0  # nested calls in lockstep (generate → forward)
         self.check_inputs = True
 
@@ -270,7 +272,7 @@ class BetweenUnits(TorchFunctionMode):
             out = func(*args, **kwargs)
             return self._tagged(func, args, kwargs, out, leaves, common)
         meta_args, meta_kwargs = _on_meta(func, args, kwargs)
-        out = func(*meta_args, **meta_kwargs)
+        out = st.fast.__torch_function__(func, types, meta_args, meta_kwargs)  # shapes only
         if _is_inplace(func, kwargs) and args and isinstance(args[0], torch.Tensor):
             target = args[0]
             if target.device.type != "meta":

@@ -28,6 +28,7 @@ from . import transport
 from .faults import failing_together, report
 from .group import Group
 from .lockstep import ALL, Lockstep
+from .shadow import FastMeta
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class RankUnit:
     swapped: list[tuple[dict, str, torch.Tensor]] = field(default_factory=list)
     inputs: set[int] = field(default_factory=set)
     paused: bool = False
+    fast: FastMeta | None = None  # entered while its shadow runs
 
     def enter_shadow(self) -> None:
         for module in self.module.modules():
@@ -165,6 +167,8 @@ class UnitPre:
         meta = [x.to("meta") if isinstance(x, torch.Tensor) and x.device.type != "meta" else x
                 for x in leaves]
         unit.inputs = {id(x) for x in meta if isinstance(x, torch.Tensor)}
+        unit.fast = ls.fast
+        unit.fast.__enter__()
         return pytree.tree_unflatten(meta, spec)
 
 
@@ -177,6 +181,9 @@ class UnitPost:
         ls, unit = state.lockstep, state.units[self.position]
         failed = output is None and sys.exc_info()[1] is not None
         try:
+            if unit.fast is not None:
+                unit.fast.__exit__(None, None, None)
+                unit.fast = None
             unit.leave_shadow()
             if not failed:
                 output = _owned_by(output, unit.rank, unit.inputs | _ids(args, kwargs), ls)
