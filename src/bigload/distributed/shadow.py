@@ -9,11 +9,13 @@ shadow's effects (a KV cache's entries) are those of the real forward."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 _MAX_ENTRIES = 1 << 16
 # calls that return Python values or alias their input: run as they are
@@ -125,3 +127,200 @@ def _sdpa_rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 _RULES = {torch.cat: _cat_rule, torch.concat: _cat_rule, torch.concatenate: _cat_rule,
           F.scaled_dot_product_attention: _sdpa_rule}
+
+
+# --- whole shadows remembered ------------------------------------------------------------------
+_PRIMITIVE = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_READS = frozenset({"get_seq_length", "get_mask_sizes", "get_max_cache_shape", "get_max_length",
+                    "is_compileable", "is_sliding"})
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    output: tuple  # (pytree spec, leaves: tensor specs or primitives)
+    calls: tuple  # what the forward asked of the caches it was given, in order
+
+
+class RememberedShadow:
+    """The ``forward`` of another rank's unit on this rank. A call whose inputs have the shapes
+    (and primitive arguments, and cache flags) of an earlier one returns meta outputs of the
+    shapes that one gave, and repeats on the KV cache what that one did to it (the same
+    ``update`` calls, with meta tensors of the same shapes: the cache's own code runs, so its
+    lengths are right). A call is remembered only when that is safe to repeat: its arguments
+    are tensors, plain values and caches; it left the caches' flags as it found them; its
+    outputs are new tensors; nothing inside the unit is hooked (transformers' output capture)."""
+
+    def __init__(self, module: torch.nn.Module, forward: Any) -> None:
+        self.module = module
+        self.forward = forward
+        self.remembered: dict[tuple, _Remembered | None] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = _call_key(spec, leaves)
+        if key is None or _hooked_inside(self.module):
+            return self.forward(*args, **kwargs)
+        known = self.remembered.get(key)
+        if known is not None:
+            for call in known.calls:
+                _repeat(call, leaves)
+            out_spec, out_leaves = known.output
+            return pytree.tree_unflatten([_make(v) for v in out_leaves], out_spec)
+        caches = {k: v for k, v in enumerate(leaves) if _is_cache(v)}
+        with _Recording(caches) as recording:
+            out = self.forward(*args, **kwargs)
+        if len(self.remembered) < _MAX_ENTRIES and recording.ok and _call_key(
+                spec, leaves) == key:
+            output = _output_spec(out, caches)
+            self.remembered[key] = None if output is None else _Remembered(
+                output, tuple(recording.calls))
+        return out
+
+
+def _is_cache(value: Any) -> bool:
+    """A KV cache (transformers' Cache and its kind): it is updated and asked its length."""
+    return callable(getattr(value, "update", None)) and callable(
+        getattr(value, "get_seq_length", None)) and not isinstance(value, torch.Tensor)
+
+
+def _flags(value: Any, depth: int = 0) -> tuple:
+    """What of a cache's state decides what a forward does with it: its flags (bools, names,
+    None), dicts of flags, its layers' flags and those of the caches it holds; not its lengths
+    (they grow every step, and the cache's own code handles them)."""
+    out = [type(value).__name__]
+    for name, v in sorted(vars(value).items()):
+        if isinstance(v, (bool, str, type(None))):
+            out.append((name, v))
+        elif isinstance(v, dict) and all(isinstance(x, (bool, type(None))) for x in v.values()):
+            out.append((name, tuple(sorted(v.items(), key=repr))))
+        elif depth < 2 and _is_cache(v):
+            out.append((name, _flags(v, depth + 1)))
+        elif depth < 2 and isinstance(v, (list, tuple)) and name == "layers":
+            out.append((name, tuple(_flags(x, depth + 1) for x in v)))
+    return tuple(out)
+
+
+def _call_key(spec: Any, leaves: list) -> tuple | None:
+    parts: list[Any] = [str(spec)]
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            if v.device.type != "meta":
+                return None
+            parts.append((tuple(v.shape), v.stride(), v.dtype))
+        elif isinstance(v, _PRIMITIVE):
+            parts.append(v)
+        elif _is_cache(v):
+            try:
+                parts.append(_flags(v))
+            except TypeError:  # no __dict__
+                return None
+        else:
+            return None
+    return tuple(parts)
+
+
+def _hooked_inside(module: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()
+               if m is not module)
+
+
+def _spec_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, _PRIMITIVE):
+        return ("value", value)
+    raise TypeError(type(value).__name__)
+
+
+def _make(spec: Any) -> Any:
+    if spec[0] == "tensor":
+        return torch.empty_strided(spec[1], spec[2], dtype=spec[3], device="meta")
+    return spec[1]
+
+
+def _output_spec(out: Any, caches: dict[int, Any]) -> tuple | None:
+    """The output as shapes, or None when it cannot be made again from them (a cache, or a
+    tensor the cache holds: its shape grows)."""
+    held = {id(t) for c in caches.values() for t in _cache_tensors(c)}
+    leaves, spec = pytree.tree_flatten(out)
+    try:
+        if any(isinstance(v, torch.Tensor) and id(v) in held for v in leaves):
+            return None
+        return spec, tuple(_spec_of(v) for v in leaves)
+    except TypeError:
+        return None
+
+
+def _cache_tensors(cache: Any, depth: int = 0) -> list[torch.Tensor]:
+    found = []
+    for v in vars(cache).values():
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif depth < 2 and (_is_cache(v) or hasattr(v, "__dict__")) and not isinstance(
+                v, (type, torch.nn.Module)):
+            found += _cache_tensors(v, depth + 1)
+        elif depth < 2 and isinstance(v, (list, tuple)):
+            for x in v:
+                if hasattr(x, "__dict__"):
+                    found += _cache_tensors(x, depth + 1)
+    return found
+
+
+class _Recording:
+    """Records the methods a forward calls on the caches it was given (outermost calls only),
+    as (leaf, attribute path, method, arguments as shapes), by wrapping them on the instances
+    for the duration."""
+
+    def __init__(self, caches: dict[int, Any]) -> None:
+        self.caches = caches
+        self.calls: list[tuple] = []
+        self.ok = True
+        self.patched: list[tuple[Any, str]] = []
+        self.depth = 0
+
+    def __enter__(self) -> _Recording:
+        for leaf, cache in self.caches.items():
+            self._patch(cache, leaf, ())
+        return self
+
+    def _patch(self, cache: Any, leaf: int, path: tuple[str, ...]) -> None:
+        for name in dir(type(cache)):
+            if name.startswith("_") or name in _READS or name in vars(cache):
+                continue
+            method = getattr(type(cache), name, None)
+            if not callable(method) or isinstance(method, (property, type)):
+                continue
+            vars(cache)[name] = self._wrap(getattr(cache, name), leaf, path, name)
+            self.patched.append((cache, name))
+        for name, value in list(vars(cache).items()):
+            if _is_cache(value) and len(path) < 2:
+                self._patch(value, leaf, (*path, name))
+
+    def _wrap(self, bound: Any, leaf: int, path: tuple[str, ...], name: str) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            if self.depth == 0:
+                leaves, spec = pytree.tree_flatten((args, kwargs))
+                try:
+                    self.calls.append((leaf, path, name, spec,
+                                       tuple(_spec_of(v) for v in leaves)))
+                except TypeError:
+                    self.ok = False
+            self.depth += 1
+            try:
+                return bound(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return recorded
+
+    def __exit__(self, *exc: object) -> None:
+        for cache, name in self.patched:
+            vars(cache).pop(name, None)
+
+
+def _repeat(call: tuple, leaves: list) -> None:
+    leaf, path, name, spec, arg_specs = call
+    target = leaves[leaf]
+    for attribute in path:
+        target = getattr(target, attribute)
+    args, kwargs = pytree.tree_unflatten([_make(s) for s in arg_specs], spec)
+    getattr(target, name)(*args, **kwargs)

@@ -28,7 +28,7 @@ from . import transport
 from .faults import failing_together, report
 from .group import Group
 from .lockstep import ALL, Lockstep
-from .shadow import FastMeta
+from .shadow import FastMeta, RememberedShadow
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ def attach(model: nn.Module, plan: DevicePlan, group: Group) -> nn.Module:
              for u in plan.units if _runs_alone(model, u.name)]
     state = RanksState(lockstep, units, plan)
     object.__setattr__(model, STATE_ATTR, state)
+    for unit in units:
+        if unit.rank != plan.rank:  # another rank's: its shadow here is remembered
+            unit.module.__dict__["forward"] = RememberedShadow(unit.module, unit.module.forward)
     for position, unit in enumerate(units):
         object.__setattr__(unit.module, STATE_ATTR, state)
         state.handles += [
