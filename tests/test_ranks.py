@@ -57,6 +57,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bert": _save("bert", root / "bert"),
         "bart": _save("bart", root / "bart"),
         "llama4": _save("llama", root / "llama4", num_hidden_layers=4),
+        "mixtral": _save("mixtral", root / "mixtral", num_hidden_layers=3),
         "llama_wide": _save("llama", root / "llama_wide", num_hidden_layers=4, hidden_size=64),
     }
 
@@ -147,7 +148,11 @@ def three_rank_models(rank: int, world: int, folders: dict[str, Path]) -> dict[s
     bert = _load(folders["bert"], max_memory={"cpu": "1GB"})
     with torch.no_grad():
         bert_logits = _held(bert, bert(ids).logits)
-    return {"code_units": [(u.name, u.rank) for u in code.bigload_plan.units],
+    moe = _load(folders["mixtral"], max_memory={"cpu": "1GB"})  # experts route by value
+    with torch.no_grad():
+        moe_logits = _held(moe, moe(ids).logits)
+    return {"moe_logits": moe_logits, "moe_greedy": moe.generate(ids, max_new_tokens=4),
+            "code_units": [(u.name, u.rank) for u in code.bigload_plan.units],
             "code_logits": code_logits,
             "code_greedy": code.generate(ids, max_new_tokens=6, do_sample=False),
             "bert_units": [(u.name, u.rank) for u in bert.bigload_plan.units],
@@ -214,23 +219,27 @@ def test_two_ranks_llama_t5_bart_match_one_process(folders: dict[str, Path],
     assert _equal_where_held(results, lambda r: r["bart"], bart_ref["logits"]) == 1
 
 
-def test_three_ranks_gpt_bigcode_bert_match_one_process(folders: dict[str, Path],
-                                                       tmp_path: Path) -> None:
+def test_three_ranks_gpt_bigcode_bert_mixtral_match_one_process(folders: dict[str, Path],
+                                                               tmp_path: Path) -> None:
     import bigload
 
     code = bigload.load(folders["gpt_bigcode"])
     bert = bigload.load(folders["bert"])
+    moe = bigload.load(folders["mixtral"])
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
-        code_ref, bert_ref = code(ids).logits, bert(ids).logits
+        code_ref, bert_ref, moe_ref = code(ids).logits, bert(ids).logits, moe(ids).logits
     code_greedy = code.generate(ids, max_new_tokens=6, do_sample=False)
+    moe_greedy = moe.generate(ids, max_new_tokens=4)
     results = ok(run_ranks(three_rank_models, 3, tmp_path, folders))
     assert set(dict(results[0]["code_units"]).values()) >= {0, 1, 2}
     assert set(dict(results[0]["bert_units"]).values()) >= {0, 1, 2}
     assert _equal_where_held(results, lambda r: r["code_logits"], code_ref) == 1
     assert _equal_where_held(results, lambda r: r["bert_logits"], bert_ref) == 1
+    assert _equal_where_held(results, lambda r: r["moe_logits"], moe_ref) == 1
     for res in results:
         assert torch.equal(res["code_greedy"], code_greedy)
+        assert torch.equal(res["moe_greedy"], moe_greedy)
 
 
 # --- tiers inside a rank, uneven stages ----------------------------------------------------------

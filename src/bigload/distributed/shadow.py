@@ -51,15 +51,16 @@ class FastMeta(TorchFunctionMode):
         except TypeError:  # an argument that cannot be a key
             return func(*args, **kwargs)
         if known is not None:
-            return _empty(known) if isinstance(known[2], torch.dtype) else tuple(
-                _empty(k) for k in known)
+            kind, specs = known
+            return _empty(specs) if kind == "one" else tuple(_empty(k) for k in specs)
         out = func(*args, **kwargs)
         if len(self.shapes) < _MAX_ENTRIES and _only_meta(args, kwargs):
             if type(out) is torch.Tensor and out.device.type == "meta":
-                self.shapes[key] = (tuple(out.shape), out.stride(), out.dtype)
+                self.shapes[key] = ("one", (tuple(out.shape), out.stride(), out.dtype))
             elif type(out) is tuple and out and all(
                     type(o) is torch.Tensor and o.device.type == "meta" for o in out):
-                self.shapes[key] = tuple((tuple(o.shape), o.stride(), o.dtype) for o in out)
+                self.shapes[key] = ("many", tuple((tuple(o.shape), o.stride(), o.dtype)
+                                                  for o in out))
         return out
 
 
@@ -125,8 +126,44 @@ def _sdpa_rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device="meta")
 
 
+def _nonzero_rule(args: tuple, kwargs: dict) -> Any:
+    """Indices where a meta tensor is non-zero: none. A shadow needs shapes, not which tokens
+    an expert takes; the output of a mixture of experts has its input's shape however the
+    tokens are routed (and a loop over the experts hit runs no time)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta" or len(args) > 1:
+        return None
+    if kwargs.get("as_tuple"):
+        return tuple(torch.empty(0, dtype=torch.long, device="meta") for _ in range(x.ndim))
+    return torch.empty((0, x.ndim), dtype=torch.long, device="meta")
+
+
+def _where_rule(args: tuple, kwargs: dict) -> Any:
+    if len(args) != 1 or kwargs:  # torch.where(cond, a, b) has a shape: run it
+        return None
+    return _nonzero_rule(args, {"as_tuple": True})
+
+
+def _grouped_mm_rule(args: tuple, kwargs: dict) -> Any:
+    """(S, K) by (E, K, N) grouped by offsets → (S, N). torch's meta kernel for it insists on
+    bfloat16 (the CUDA kernel's rule), where the CPU runs any float: computed here."""
+    a = args[0] if args else kwargs.get("mat_a")
+    b = args[1] if len(args) > 1 else kwargs.get("mat_b")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or not _meta(a, b):
+        return None
+    if a.ndim != 2 or b.ndim != 3:
+        return None
+    dtype = kwargs.get("out_dtype") or a.dtype
+    return torch.empty((a.shape[0], b.shape[-1]), dtype=dtype, device="meta")
+
+
+_GROUPED = [f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
+            if f is not None]
+
 _RULES = {torch.cat: _cat_rule, torch.concat: _cat_rule, torch.concatenate: _cat_rule,
-          F.scaled_dot_product_attention: _sdpa_rule}
+          F.scaled_dot_product_attention: _sdpa_rule, torch.nonzero: _nonzero_rule,
+          torch.Tensor.nonzero: _nonzero_rule, torch.argwhere: _nonzero_rule,
+          torch.where: _where_rule, **dict.fromkeys(_GROUPED, _grouped_mm_rule)}
 
 
 # --- whole shadows remembered ------------------------------------------------------------------
