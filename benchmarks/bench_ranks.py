@@ -6,8 +6,9 @@ Load (cold page cache): per rank, the bytes read from disk (``read_bytes`` of /p
 across the load), its share (the bytes of its stage in the plan), whether it holds any tensor
 of another rank's stage, its peak RSS and load time; the same for one process loading the
 whole model. Decode (warm): the median time between generated tokens (greedy) for one process
-(1 and 2 threads), bigload over the ranks (1 thread each), and transformers'
-``DistributedConfig(pp_size=N)`` over the same ranks, with the tokens compared. Every
+(1 thread), bigload over the ranks (1 thread each: a pipeline decodes its stages one after the
+other, so that is the same compute), and transformers' ``DistributedConfig(pp_size=N)`` over
+the same ranks, with the tokens compared. Every
 measurement runs in fresh processes (ranks are launched as torchrun would: RANK, WORLD_SIZE,
 MASTER_ADDR/PORT in the environment); a failure is reported, never filled in.
 """
@@ -290,6 +291,7 @@ def _read(ranges: list[dict[Path, list]], *, skip: int) -> None:
             continue
         for path, spans in by_file.items():
             with open(path, "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead
                 for offset, length in spans:
                     os.pread(f.fileno(), length, offset)
 
@@ -297,7 +299,6 @@ def _read(ranges: list[dict[Path, list]], *, skip: int) -> None:
 def _decodes(folder: Path, args: argparse.Namespace) -> list[str]:
     extra = [f"--new-tokens={args.new_tokens}", f"--prompt-len={args.prompt_len}"]
     runs = [("bigload, one process, 1 thread", 1, 1, "bigload"),
-            ("bigload, one process, 2 threads", 1, 2, "bigload"),
             (f"bigload, {args.ranks} ranks, 1 thread each", args.ranks, 1, "bigload"),
             (f"transformers pp_size={args.ranks}, 1 thread each", args.ranks, 1,
              "transformers-pp")]

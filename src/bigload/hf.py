@@ -665,8 +665,9 @@ def stage_extra_bytes(model: nn.Module, dtype: torch.dtype,
                       context_tokens: int | None = None) -> dict[str, int]:
     """What a rank keeps besides weights for the modules of a transformers model (module fqn →
     bytes), an estimate from its config: each decoder block's KV cache for ``context_tokens``
-    tokens (default: min(4096, the model's positions)) and the head's float32 logits for as
-    many. Models without a decoder (encoders) keep only the head's."""
+    tokens (default: min(4096, the model's positions)) and the head's logits (in ``dtype``) for
+    as many — a forward over the whole context. Models without a decoder (encoders) keep only
+    the head's."""
     config = getattr(model, "config", None)
     if config is None:
         return {}
@@ -677,7 +678,7 @@ def stage_extra_bytes(model: nn.Module, dtype: torch.dtype,
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
     if head is not None and id(head) in names and getattr(head, "weight", None) is not None:
-        extra[names[id(head)]] = tokens * head.weight.shape[0] * 4
+        extra[names[id(head)]] = tokens * head.weight.shape[0] * dtype.itemsize
     per_token = _kv_bytes_per_token(text, dtype)
     for name in _decoder_blocks(model, names):
         extra[name] = extra.get(name, 0) + tokens * per_token

@@ -191,11 +191,12 @@ class RememberedShadow:
         self.module = module
         self.forward = forward
         self.remembered: dict[tuple, _Remembered | None] = {}
+        self.inside = [m for m in module.modules() if m is not module]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = _call_key(spec, leaves)
-        if key is None or _hooked_inside(self.module):
+        if key is None or any(m._forward_hooks or m._forward_pre_hooks for m in self.inside):
             return self.forward(*args, **kwargs)
         known = self.remembered.get(key)
         if known is not None:
@@ -254,11 +255,6 @@ def _call_key(spec: Any, leaves: list) -> tuple | None:
         else:
             return None
     return tuple(parts)
-
-
-def _hooked_inside(module: torch.nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()
-               if m is not module)
 
 
 def _spec_of(value: Any) -> Any:

@@ -49,14 +49,18 @@ class RankUnit:
     inputs: set[int] = field(default_factory=set)
     paused: bool = False
     fast: FastMeta | None = None  # entered while its shadow runs
+    real: list[tuple[dict, str]] | None = None  # where its real tensors are (found once)
 
     def enter_shadow(self) -> None:
-        for module in self.module.modules():
-            for table in (module._parameters, module._buffers):
-                for leaf, tensor in table.items():
-                    if tensor is not None and tensor.device.type != "meta":
-                        self.swapped.append((table, leaf, tensor))
-                        table[leaf] = _meta_like(tensor)
+        if self.real is None:  # a tie duplicate, non-persistent buffers: fixed after the load
+            self.real = [(table, leaf) for module in self.module.modules()
+                         for table in (module._parameters, module._buffers)
+                         for leaf, tensor in table.items()
+                         if tensor is not None and tensor.device.type != "meta"]
+        for table, leaf in self.real:
+            tensor = table[leaf]
+            self.swapped.append((table, leaf, tensor))
+            table[leaf] = _meta_like(tensor)
 
     def leave_shadow(self) -> None:
         while self.swapped:
