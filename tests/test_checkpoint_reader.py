@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 from concurrent.futures import ThreadPoolExecutor
@@ -140,7 +141,12 @@ def test_concurrent_gets_open_each_file_once(saved):
         assert reader.mmap_for(file) is reader.mmap_for(file)
         for tensor, expected in zip(got, list(tensors.values()) * 8):
             _assert_same(tensor, expected)
-        assert len({t.untyped_storage().data_ptr() for t in got if t.numel()}) == 1
+        # one map of the file: every tensor views it, each through a storage of its own bytes
+        mm = reader.mmap_for(file)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        for tensor in (t for t in got if t.numel()):
+            assert base <= tensor.data_ptr() < base + len(mm)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 def test_mmap_for_serves_madvise(saved):

@@ -241,14 +241,11 @@ def test_parse_max_memory_text():
         ("0:20GiB", "not KEY=SIZE"),
         ("cpu=", "not KEY=SIZE"),
         ("=8GiB", "not KEY=SIZE"),
-        ("cpu=8GiB,cpu=4GiB", None),  # the later wins in the text form: no error
+        ("cpu=8GiB,cpu=4GiB", "names 'cpu' twice"),  # as the mapping form; was: the later won
         ("cpu=8 apples", "cannot parse"),
     ],
 )
 def test_parse_max_memory_text_refuses(text, match):
-    if match is None:
-        assert parse_max_memory_text(text) == {torch.device("cpu"): 4 * GiB}
-        return
     with pytest.raises(SizeError, match=match):
         parse_max_memory_text(text)
 
@@ -278,3 +275,72 @@ def test_parse_dtype_errors_name_the_value_and_the_way_out():
         parse_dtype("float17")
     with pytest.raises(DtypeError, match="int8 is not a floating-point dtype"):
         parse_dtype(torch.int8, floating=True)
+
+
+# --- hostile values: a typed error naming the value, never a silent wrong result -----------------
+@pytest.mark.parametrize(
+    ("given", "match"),
+    [
+        ("1" + "0" * 400 + "GB", "more than 40 digits"),  # float() would overflow to inf
+        ("9223372036854775808", "more than 9223372036854775807 bytes"),
+        (10**400, "more than 9223372036854775807 bytes"),
+        (float("nan"), "not a number"),
+        (float("-inf"), "infinite"),
+        (-0.5, "negative"),
+        ("0.5", "'0.5' is not a whole number of bytes"),  # was 0 bytes
+        (0.5, "0.5 is not a whole number of bytes"),
+        ("1.5B", "not a whole number of bytes"),
+        ("0.0000000001GB", "less than one byte"),
+    ],
+)
+def test_parse_size_refuses_with_the_reason(given, match):
+    with pytest.raises(SizeError, match=match):
+        parse_size(given)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("0.1KiB", 102), ("0.3GB", 300_000_000), ("1.0", 1), (2.0, 2),
+     ("9223372036854775807", 2**63 - 1)],
+)
+def test_parse_size_rounds_fractions_of_a_unit_down(given, expected):
+    assert parse_size(given) == expected
+
+
+@pytest.mark.parametrize("text", ["cpu=1GB,cpu=2GB", " disk=1GB , disk=1GB "])
+def test_max_memory_text_refuses_a_key_given_twice(text):
+    key = text.split("=")[0].strip()
+    with pytest.raises(SizeError, match=f"names '{key}' twice .*give each device once"):
+        parse_max_memory_text(text)
+
+
+def test_cli_max_memory_reports_hostile_sizes_as_usage_errors():
+    import argparse
+
+    from bigload.cli.common import max_memory
+
+    for text in ("cpu=1e400GB", "cpu=" + "9" * 400 + "GB", "cpu=1GB,cpu=2GB", "cuda:999=1GB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            max_memory(text)
+
+
+@pytest.mark.parametrize("given", ["cuda:²", "²", "1²", "cuda:١", "cuda:1.5", "cuda: 1"])
+def test_parse_device_refuses_non_ascii_digits(given):
+    with pytest.raises(DeviceError, match="unknown device"):
+        parse_device(given, check_available=False)
+
+
+@pytest.mark.parametrize(
+    "given", [128, 300, 10**30, "128", "cuda:128", "cuda:256", "cuda:99999999999999999999",
+              "xpu:1000", "9" * 5000]
+)
+def test_parse_device_refuses_indices_torch_would_wrap(given):
+    # torch keeps the index in an int8: cuda:256 would silently be cuda:0, 300 cuda:44
+    with pytest.raises(DeviceError, match=r"out of range: torch numbers devices 0\.\.127"):
+        parse_device(given, check_available=False)
+
+
+@CUDA_OR_NONE
+def test_parse_device_keeps_the_highest_index():
+    assert parse_device("cuda:127", check_available=False) == torch.device("cuda", 127)
+    assert parse_device(127, check_available=False).index == 127

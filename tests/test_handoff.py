@@ -74,8 +74,8 @@ def test_a_plan_for_another_model_is_refused_before_anything_moves(tmp_path):
 def test_the_main_device_and_prefetch_are_decided_once_by_the_plan():
     plan = plan_from_device_map(skeleton(), {"embed": 0, "layers": "cpu", "norm": "disk"},
                                 check_available=False)
-    assert plan.main_device == "cuda:0" and plan.prefetch == 1  # one ahead on an accelerator
-    assert plan_from_device_map(skeleton(), {"": "disk"}).prefetch == 0  # none on the CPU
+    assert plan.main_device == "cuda:0" and plan.prefetch == 1  # one unit read ahead
+    assert plan_from_device_map(skeleton(), {"": "disk"}).prefetch == 1  # on the CPU too
     assert plan_from_device_map(skeleton(), "disk", prefetch=3).prefetch == 3
     with pytest.raises(DeviceMapError, match="prefetch"):
         plan_from_device_map(skeleton(), "cpu", prefetch=-1)
@@ -99,7 +99,8 @@ class TiedAcrossBlocks(nn.Module):
 def test_a_weight_tied_across_blocks_does_not_glue_the_blocks_together(tmp_path):
     # each block is 336 bytes (the tied weight 144 of them): a CPU of 700 bytes holds some
     # blocks; gluing every block that holds the tie into one unit sent the whole model to disk
-    plan = plan_devices(skeleton(TiedAcrossBlocks), max_memory={"cpu": 700, "disk": "1GB"})
+    plan = plan_devices(skeleton(TiedAcrossBlocks), max_memory={"cpu": 700, "disk": "1GB"},
+                        prefetch=0)
     assert plan.bytes_per_device.get("cpu", 0) > 0
     accelerate_map = infer_auto_device_map(skeleton(TiedAcrossBlocks), max_memory={"cpu": 700})
     assert set(accelerate_map.values()) == {"cpu", "disk"}
@@ -135,3 +136,24 @@ def test_emptying_a_tensor_keeps_other_references_data():
     set_module_tensor_to_device(lin, "weight", "meta")
     assert lin.weight.is_meta
     assert not stash.is_meta and torch.equal(stash, before)
+
+
+def test_a_loaded_model_saves_each_tensor_once(tmp_path):
+    import io
+
+    from safetensors.torch import load_file, save_model
+
+    torch.manual_seed(0)
+    eager = NestedBlocksModel(n=32).eval()
+    save_file(eager.state_dict(), tmp_path / "model.safetensors")
+    model = bigload.load_checkpoint_and_dispatch(
+        skeleton(NestedBlocksModel, n=32), tmp_path,
+        device_map={"embed": "cpu", "layers": "disk", "norm": "cpu"})
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in eager.state_dict().values())
+    assert len(buffer.getvalue()) < 1.2 * tensor_bytes  # not the mapped file once per tensor
+    save_model(model, tmp_path / "again.safetensors")  # refuses tensors sharing a storage
+    again = load_file(tmp_path / "again.safetensors")
+    for name, value in eager.state_dict().items():
+        assert torch.equal(again[name], value), name

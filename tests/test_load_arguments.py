@@ -244,3 +244,33 @@ def test_bin_checkpoint_on_disk_converts_into_a_temporary_folder(llama_folder, t
     assert folder.is_dir() and folder.parent.name.startswith("bigload-offload-")
     assert f"converted into {folder}" in caplog.text and "torch .bin" in caplog.text
     torch.testing.assert_close(logits(model), logits(reference))
+
+
+def test_the_accepted_names_are_the_arguments_of_load():
+    parameters = inspect.signature(bigload.load).parameters
+    keyword_only = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert list(bigload.hf.ACCEPTED_ARGUMENTS) == keyword_only
+
+
+def test_a_broken_config_is_a_typed_error_naming_the_file(llama_folder, tmp_path):
+    import shutil
+
+    from bigload.errors import ModelResolveError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_folder, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ModelResolveError, match=r"config.json' is not valid JSON"):
+        bigload.load(broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(ModelResolveError, match="model_type 'no-such-model'"):
+        bigload.load(broken)
+
+
+def test_a_plan_for_another_machine_is_refused_before_loading(llama_folder):
+    from bigload.errors import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceError, match="cuda:0.*cannot run here"):
+        bigload.load(llama_folder, max_memory={0: "1GB", "cpu": "1GB"})

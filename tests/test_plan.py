@@ -258,12 +258,16 @@ def test_plan_accessors():
     assert [u.name for u in plan.offloaded][:2] == ["blocks.1", "blocks.2"]
 
 
-def test_str_is_a_table_of_runs():
+def test_str_is_a_table_of_devices_in_aligned_columns():
     text = str(plan_devices(meta(tie=True), max_memory={0: 768, "cpu": 512}, headroom_bytes=0))
-    assert "| cuda:0 | 2 | embed | blocks.0 | 512 B |" in text
+    lines = text.splitlines()
+    assert "budgets: cuda:0 768 B (given), cpu 512 B (given), disk unbounded" in lines
+    header = lines.index("device  units  planned  reserve     budget  holds")
+    assert lines[header + 1] == "cuda:0      2    512 B    256 B      768 B  embed … blocks.0"
+    assert lines[header + 3] == "disk        5  1.2 KiB      0 B  unbounded  blocks.3 … blocks.7"
+    assert "without bytes of their own (not counted above): head (tied to 'embed')" in lines
     assert "to disk: 5 units, 1.2 KiB" in text
     assert "head → cuda:0: leaf module; tie group: placed with 'embed'" in text
-    assert "| disk | 1.2 KiB | 0 B | unbounded |" in text
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -367,8 +371,9 @@ def test_reserve_holds_the_units_fetched_ahead(max_memory, prefetch, reserve):
 
 
 @pytest.mark.parametrize(("max_memory", "reserve"), [({0: 2048, "cpu": BIG}, 512),
-                                                      ({"cpu": 1024}, 256)])
-def test_default_prefetch_reserve_follows_the_main_device(max_memory, reserve):
-    # prefetch=None is dispatch's default: one unit ahead onto an accelerator, none on the CPU
+                                                      ({"cpu": 1024}, 512)])
+def test_default_prefetch_reserve_holds_one_unit_ahead(max_memory, reserve):
+    # prefetch=None is the default: one unit read ahead (into the streaming pool, or copied to
+    # the accelerator), on any main device
     plan = plan_devices(meta(), max_memory=max_memory, prefetch=None, headroom_bytes=0)
-    assert plan.reserve_bytes == reserve
+    assert plan.prefetch == 1 and plan.reserve_bytes == reserve

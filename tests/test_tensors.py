@@ -13,6 +13,7 @@ from bigload import init_empty_weights, materialize, set_module_tensor_to_device
 from bigload.devices import accelerator_type
 from bigload.errors import (
     DeviceError,
+    DtypeError,
     MetaTensorError,
     NoInitError,
     ShapeMismatchError,
@@ -551,3 +552,38 @@ def test_cpu_to_cuda_with_value_keeps_ties():
     assert model.embed.weight.device == torch.device("cuda", 0)
     assert model.embed.weight.dtype == torch.float16
     torch.testing.assert_close(model.embed.weight.cpu(), value.half())
+
+
+# --- dtype: parsed, and never a non-float cast of a float tensor --------------------------------
+@pytest.mark.parametrize("dtype", [torch.int64, "int64", torch.bool, torch.complex64])
+@pytest.mark.parametrize("with_value", [False, True])
+def test_non_float_dtype_for_a_float_parameter_is_refused(dtype, with_value):
+    model = nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    value = torch.ones(3, 4) if with_value else None
+    with pytest.raises(DtypeError, match=r"'weight' is a torch.float32 tensor; dtype=torch\."):
+        set_module_tensor_to_device(model, "weight", "cpu", value=value, dtype=dtype)
+    assert torch.equal(model.weight, before)  # untouched
+
+
+def test_dtype_given_as_a_name_is_parsed():
+    model = nn.Linear(4, 3)
+    set_module_tensor_to_device(model, "weight", "cpu", dtype="bf16")
+    assert model.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float17", 5, "torch.Tensor"])
+def test_unknown_dtype_is_a_dtype_error(dtype):
+    with pytest.raises(DtypeError, match="is not a torch dtype"):
+        set_module_tensor_to_device(nn.Linear(4, 3), "weight", "cpu", dtype=dtype)
+
+
+def test_int_dtype_for_an_int_buffer_is_allowed():
+    model = IntBufferModel()
+    set_module_tensor_to_device(model, "position_ids", "cpu", dtype=torch.int64)
+    assert model.position_ids.dtype == torch.int64
+
+
+def test_materialize_refuses_a_non_float_dtype():
+    with pytest.raises(DtypeError, match="int8 is not a floating-point dtype"):
+        materialize(nn.Linear(2, 2), "cpu", dtype=torch.int8)

@@ -158,7 +158,7 @@ def test_a_unit_bigger_than_the_room_streams_in_pieces(ckpt, eager):
     piece = eager.layers[0].mlp[0].weight.numel() * 4 + 2 * 64 * 4
     budget = block // 2  # no block fits the room; its largest module does
     assert piece < budget
-    plan = plan_devices(skeleton(n=64), max_memory={"cpu": budget, "disk": "1GB"})
+    plan = plan_devices(skeleton(n=64), max_memory={"cpu": budget, "disk": "1GB"}, prefetch=0)
     assert any("layers.0.mlp.0" == u.name for u in plan.units)
     assert any("streamed in pieces" in note for note in plan.notes)
     assert plan.bytes_per_device.get("cpu", 0) + plan.reserve_bytes <= budget
@@ -222,3 +222,15 @@ def test_room_left_after_the_in_order_pass_is_filled():
                           "units.3": "cpu"}
     assert "filled back from disk" in plan.units[3].reason
     assert plan.bytes_per_device["cpu"] + plan.reserve_bytes <= 46
+
+
+def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager):
+    from bigload.errors import CheckpointChangedError
+
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+    torch.manual_seed(1)
+    replaced = ckpt.with_suffix(".new")
+    save_file(NestedBlocksModel(n=64).state_dict(), replaced)
+    os.replace(replaced, ckpt)  # a re-download or a save_pretrained into the same folder
+    with torch.no_grad(), pytest.raises(CheckpointChangedError, match=str(ckpt.name)):
+        model(torch.randn(2, 64))

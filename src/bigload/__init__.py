@@ -52,7 +52,7 @@ _EXPORTS: dict[str, str] = {
     "verify": "preflight",
     "VerifyReport": "preflight",
     "load_weights": "loader",
-    "place_weights": "loader",
+    "place_weights": "place",
     "LoadOptions": "loader",
     "Loaded": "loader",
     "LoadReport": "report",

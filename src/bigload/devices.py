@@ -6,8 +6,10 @@ placement is a ``torch.device`` or the string ``"disk"``, and a size is an ``int
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Literal, Union
 
 import torch
@@ -20,6 +22,9 @@ DeviceLike = Union[int, str, torch.device]
 
 _ACCELERATOR_TYPES = ("cuda", "xpu", "mps", "npu", "hpu")
 _KNOWN_TYPES = set(_ACCELERATOR_TYPES) | {"cpu", "meta"}
+# torch keeps a device index in an int8: torch.device("cuda", 300) is cuda:44, "cuda:256" cuda:0
+MAX_DEVICE_INDEX = 127
+_INDEXED = re.compile(r"[a-z]+:([0-9]+)", re.ASCII)
 
 
 def accelerator_type() -> str | None:
@@ -54,22 +59,15 @@ def parse_device(device: DeviceLike, *, check_available: bool = True) -> torch.d
     if isinstance(device, bool):
         raise DeviceError(f"{device!r} is not a device; use an int index, 'cpu', 'cuda:0', ...")
     if isinstance(device, int):
-        if device < 0:
-            raise DeviceError(f"device index {device} is negative; use 0, 1, ... or 'cpu'")
-        result = torch.device(accelerator_type() or "cuda", device)
+        result = torch.device(accelerator_type() or "cuda", _checked_index(device, device))
     elif isinstance(device, torch.device):
         result = device
     elif isinstance(device, str):
         text = device.strip().lower()
-        if text.isdigit():
-            return parse_device(int(text), check_available=check_available)
-        try:
-            result = torch.device(text)
-        except (RuntimeError, ValueError) as err:
-            raise DeviceError(
-                f"unknown device {device!r}; use an int index, 'cpu', 'cuda:0', 'mps', 'xpu', "
-                "'meta' (or 'disk' where offload is allowed)"
-            ) from err
+        if text.isascii() and text.isdigit():
+            index = _checked_index(_index_of(text), device)
+            return parse_device(index, check_available=check_available)
+        result = _torch_device(text, device)
     else:
         raise DeviceError(f"{device!r} ({type(device).__name__}) is not a device")
     if result.type not in _KNOWN_TYPES:
@@ -79,6 +77,40 @@ def parse_device(device: DeviceLike, *, check_available: bool = True) -> torch.d
     if check_available:
         _check_available(result, device)
     return result
+
+
+def _checked_index(index: int, given: object) -> int:
+    if not 0 <= index <= MAX_DEVICE_INDEX:
+        raise DeviceError(
+            f"device index {_short(given)} is out of range: torch numbers devices "
+            f"0..{MAX_DEVICE_INDEX}; use 0, 1, ... or 'cpu'"
+        )
+    return index
+
+
+def _index_of(digits: str) -> int:
+    """The value of ASCII ``digits``; past-range for long ones (no int() of 5000 digits)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 4 else MAX_DEVICE_INDEX + 1
+
+
+def _torch_device(text: str, given: str) -> torch.device:
+    """``torch.device(text)``, with the index bounded first (torch wraps it silently)."""
+    indexed = _INDEXED.fullmatch(text)
+    if indexed:
+        _checked_index(_index_of(indexed.group(1)), given)
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise DeviceError(
+            f"unknown device {_short(given)}; use an int index, 'cpu', 'cuda:0', 'mps', 'xpu', "
+            "'meta' (or 'disk' where offload is allowed)"
+        ) from err
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _check_available(device: torch.device, given: object) -> None:
@@ -130,24 +162,70 @@ _UNITS = {
 }
 
 
+MAX_SIZE_BYTES = 2**63 - 1  # 8 EiB: what the OS and torch can count, more than any device has
+_MAX_DIGITS = 40
+
+
 def parse_size(value: int | float | str, *, what: str = "size") -> int:
-    """``"24GiB"`` → 25769803776, ``"500MB"`` → 500000000, ``1024`` → 1024 (bytes)."""
+    """``"24GiB"`` → 25769803776, ``"500MB"`` → 500000000, ``1024`` → 1024 (bytes).
+
+    Bytes are whole: a number without a unit (or with ``B``) must be a whole number (``"0.5"``
+    and ``0.5`` are refused, ``1.5e3`` is 1500). With a larger unit the exact value is rounded
+    down to whole bytes (``"0.3KB"`` → 300, ``"0.1KiB"`` → 102), never up, so a budget never
+    exceeds what was written; a positive value that rounds down to 0 is refused. Sizes above
+    :data:`MAX_SIZE_BYTES` (8 EiB) are refused.
+    """
     if isinstance(value, bool):
         raise SizeError(f"{what}: {value!r} is not a size")
-    if isinstance(value, (int, float)):
-        if not 0 <= value < float("inf"):  # also refuses NaN
-            raise SizeError(f"{what}: {value!r} is negative, infinite or not a number")
-        return int(value)
+    if isinstance(value, int):
+        return _bounded(value, value, what)
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0:
+            raise _out_of_range(value, what)
+        return _bounded(_whole_bytes(Fraction(value), value, what), value, what)
     if not isinstance(value, str):
-        raise SizeError(f"{what}: {value!r} ({type(value).__name__}) is not a size")
+        raise SizeError(f"{what}: {_short(value)} ({type(value).__name__}) is not a size")
+    return _bounded(_parse_size_text(value, what), value, what)
+
+
+def _parse_size_text(value: str, what: str) -> int:
     match = _SIZE_RE.match(value)
     unit = (match.group(2) or "").lower() if match else None
+    if match is not None and len(match.group(1)) > _MAX_DIGITS:
+        raise SizeError(f"{what}: {_short(value)} has more than {_MAX_DIGITS} digits; write "
+                        "a size such as '10GiB'")  # fmt: skip
     if match is None or unit not in _UNITS:
         raise SizeError(
-            f"{what}: cannot parse {value!r}; write bytes or a number with a unit such as "
+            f"{what}: cannot parse {_short(value)}; write bytes or a number with a unit such as "
             "'10GiB', '10GB', '1.5GiB', '500MB'"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    exact = Fraction(match.group(1)) * _UNITS[unit]
+    size = _whole_bytes(exact, value, what) if _UNITS[unit] == 1 else math.floor(exact)
+    if size == 0 and exact > 0:
+        raise SizeError(f"{what}: {_short(value)} is less than one byte; write a whole number "
+                        "of bytes or a larger value such as '1KiB'")  # fmt: skip
+    return size
+
+
+def _whole_bytes(exact: Fraction, given: object, what: str) -> int:
+    if exact.denominator != 1:
+        raise SizeError(f"{what}: {_short(given)} is not a whole number of bytes; write whole "
+                        "bytes ('512') or use a unit ('0.5KiB', '1.5GiB')")  # fmt: skip
+    return int(exact)
+
+
+def _bounded(size: int, given: object, what: str) -> int:
+    if not 0 <= size <= MAX_SIZE_BYTES:
+        raise _out_of_range(given, what)
+    return size
+
+
+def _out_of_range(given: object, what: str) -> SizeError:
+    return SizeError(
+        f"{what}: {_short(given)} is negative, infinite, not a number or more than "
+        f"{MAX_SIZE_BYTES} bytes (8 EiB); give a size from 0 up (leave disk out of max_memory "
+        "for no limit)"
+    )
 
 
 def format_size(size_bytes: int | float) -> str:
@@ -172,23 +250,34 @@ def parse_max_memory(
         try:
             placement = parse_placement(key, check_available=check_available)
         except DeviceError as err:
-            raise SizeError(f"max_memory key {key!r}: {err}") from err
+            raise SizeError(f"max_memory key {_short(key)}: {err}") from err
         if placement == torch.device("meta"):
-            raise SizeError(f"max_memory key {key!r}: 'meta' holds no data and takes no budget")
+            raise SizeError(
+                f"max_memory key {_short(key)}: 'meta' holds no data and takes no budget"
+            )
         if placement in result:
-            raise SizeError(f"max_memory names {placement_str(placement)} twice (key {key!r})")
-        result[placement] = parse_size(value, what=f"max_memory[{key!r}]")
+            raise SizeError(
+                f"max_memory names {placement_str(placement)} twice (key {_short(key)})"
+            )
+        result[placement] = parse_size(value, what=f"max_memory[{_short(key)}]")
     return result
 
 
 def parse_max_memory_text(text: str) -> dict[Placement, int]:
-    """CLI form: ``"0=20GiB,cpu=8GiB,disk=100GiB"``."""
+    """CLI form: ``"0=20GiB,cpu=8GiB,disk=100GiB"``. A key given twice is refused, as in the
+    mapping form (the text would otherwise keep the last one silently)."""
     pairs: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise SizeError(f"--max-memory: {part!r} is not KEY=SIZE (e.g. 0=20GiB,cpu=8GiB)")
-        pairs[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise SizeError(f"--max-memory: {_short(part)} is not KEY=SIZE (e.g. 0=20GiB,cpu=8GiB)")
+        if key in pairs:
+            raise SizeError(
+                f"--max-memory names {_short(key)} twice (sizes {_short(pairs[key])} and "
+                f"{_short(value)}); give each device once"
+            )
+        pairs[key] = value
     return parse_max_memory(pairs)
 
 
@@ -225,8 +314,8 @@ def parse_dtype(
         result = getattr(torch, _DTYPE_ALIASES.get(name.lower(), name), None)
         if not isinstance(result, torch.dtype):
             raise DtypeError(
-                f"{what}={dtype!r} is not a torch dtype; use e.g. torch.bfloat16, 'bfloat16', "
-                "'float16' or 'float32'"
+                f"{what}={_short(dtype)} is not a torch dtype; use e.g. torch.bfloat16, "
+                "'bfloat16', 'float16' or 'float32'"
             )
     if floating and result is not None and not result.is_floating_point:
         raise DtypeError(

@@ -67,11 +67,19 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class CheckpointChangedError(CorruptCheckpointError):
-    """A checkpoint file changed (rewritten, truncated, removed) after it was indexed."""
+    """A checkpoint file changed (replaced, rewritten, truncated, removed) after it was indexed:
+    its size, times, inode or header differ from what ``read_index`` recorded. Nothing of it is
+    served; call ``read_index`` (or load the model) again."""
 
 
 class CheckpointIndexError(CheckpointError):
     """A shard index (``*.index.json``) is inconsistent with the shards it names."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file or folder cannot be read: no read permission, a name the filesystem
+    refuses (too long, a NUL byte), not a regular file (a FIFO, a device, a socket), or an I/O
+    error. The message names the path and what to do."""
 
 
 class UnsafeCheckpointError(CheckpointError):

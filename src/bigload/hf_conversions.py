@@ -339,7 +339,8 @@ def converted_index(index: CheckpointIndex, conversions: Conversions) -> Checkpo
         root=index.root, format=index.format, files=index.files,
         entries=MappingProxyType(entries), metadata=index.metadata,
         notes=(*index.notes, note), total_bytes=sum(e.nbytes for e in entries.values()),
-        source=index, derived=MappingProxyType(dict(conversions.derived)),
+        identities=index.identities, source=index,
+        derived=MappingProxyType(dict(conversions.derived)),
     )
 
 

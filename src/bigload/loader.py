@@ -13,7 +13,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +24,13 @@ from torch import nn
 
 from .checkpoint import CheckpointIndex, CheckpointReader, open_reader
 from .devices import DISK, Placement, parse_dtype, placement_str
-from .errors import DeviceMapError, MetaTensorError, OffloadError, format_problems
+from .errors import DeviceMapError, OffloadError, format_problems
+from .journal import Journal
 from .offload import OffloadItem, OffloadStore, StoredTensor, serve_from_folder
 from .offload.stream import read_resident
 from .pages import advise
-from .plan import DevicePlan, check_covers
+from .place import check_devices
+from .plan import DevicePlan
 from .preflight import (
     ModelTensor,
     Unexpected,
@@ -40,14 +42,13 @@ from .preflight import (
 from .report import LoadReport, progress
 from .sizes import tensor_nbytes
 from .skeleton import rebuild_parameter
-from .slots import TensorSlot, find_slot, unique_slots
+from .slots import TensorSlot, find_slot
 from .tensors import (
     InitFn,
     Missing,
     check_policy,
     materialize_slots,
     meta_problems,
-    replace_tensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ logger = logging.getLogger(__name__)
 class LoadOptions:
     """How to load: the target float ``dtype`` (None keeps the model's), modules kept in fp32,
     the policies for missing and unexpected tensors, checkpoint key renames (regex →
-    replacement), the folder for tensors converted for the disk tier, a progress bar, and the
-    initialiser ``missing="init"`` runs (default: each module's ``reset_parameters``)."""
+    replacement), the folder for tensors converted for the disk tier, a progress bar (None: none,
+    True: tqdm's, or a callable ``factory(total_bytes) -> bar`` with ``update(n)`` and
+    ``close()``), and the initialiser ``missing="init"`` runs (default: each module's
+    ``reset_parameters``)."""
 
     dtype: torch.dtype | str | None = None
     keep_in_fp32_modules: Sequence[str] | None = None
@@ -66,7 +69,7 @@ class LoadOptions:
     unexpected: Unexpected = "warn"
     key_map: Mapping[str, str] | None = None
     offload_folder: str | os.PathLike | None = None
-    progress: bool | None = None
+    progress: bool | Callable[[int], Any] | None = None
     init_fn: InitFn | None = None
 
 
@@ -112,6 +115,7 @@ def load_weights(
     """
     start = time.perf_counter()
     check_policy(options.missing)
+    check_devices(plan)
     if options.unexpected not in ("error", "warn", "ignore"):
         raise ValueError(f"unexpected={options.unexpected!r}: use 'error', 'warn' or 'ignore'")
     dtype = parse_dtype(options.dtype, floating=True)
@@ -125,12 +129,12 @@ def load_weights(
                         kept=list(report.kept))
     loaded = Loaded(result)
     convert = [j for j in jobs if j.key and j.placement == DISK and not _zero_copy_ok(j, index)]
-    with open_reader(index) as reader, _Journal() as journal:
+    with open_reader(index) as reader, Journal() as journal:
         # before any tensor moves: the offload folder, then the missing tensors (an initialiser
         # that leaves one unset fails while the owner's other tensors are still meta)
         converted = _convert_for_disk(convert, reader, index, options, loaded)
         _initialize_missing(model, jobs, options, loaded, journal)
-        with progress(options.progress, sum(j.nbytes for j in jobs)) as bar:
+        with progress(options.progress, sum(j.nbytes for j in jobs if j.key)) as bar:
             _place_disk(jobs, converted, reader, loaded, journal, bar)
             _place_direct(jobs, reader, plan, loaded, journal, bar)
         _place_nonpersistent(nonpersistent, plan, journal)
@@ -279,7 +283,8 @@ def _place_disk(jobs, converted, reader, loaded, journal, bar) -> None:  # noqa:
         if item is None:  # zero-copy: a view of the checkpoint's own file
             entry = reader.index.entries[job.key]
             item = StoredTensor(job.tensor.fqn, reader.get(job.key).data, "disk",
-                                reader.mmap_for(entry.file), entry.byte_range, file=entry.file)
+                                reader.mmap_for(entry.file), entry.byte_range, file=entry.file,
+                                identity=reader.index.identities.get(entry.file))
             loaded.report.zero_copy += 1
         loaded.store.add(item)
         journal.replace(job.tensor.slot, item.tensor)
@@ -314,7 +319,8 @@ def _read_one(
     if target.type == "cpu" and entry.dtype == job.dtype and entry.byte_range is not None:
         # the CPU tier is resident: read into memory of its own (the page cache is dropped
         # behind the read), never a view of the file that a streaming disk tier could evict
-        return read_resident(entry, pin=pin), entry.dtype, False
+        identity = reader.index.identities.get(entry.file)
+        return read_resident(entry, identity, pin=pin), entry.dtype, False
     value = reader.get(job.key)  # type: ignore[arg-type]
     if target.type == "cpu":
         new = value.to(job.dtype, copy=True)
@@ -355,7 +361,7 @@ def _initialize_missing(model, jobs, options, loaded, journal) -> None:  # noqa:
 
 
 def _settle_missing(job: Job, device: str, options: LoadOptions, loaded: Loaded,
-                    journal: _Journal) -> None:
+                    journal: Journal) -> None:
     current = job.tensor.slot.tensor
     if current.device != torch.device(device) or current.dtype != job.dtype:
         journal.replace(job.tensor.slot, current.to(device, job.dtype))
@@ -379,115 +385,9 @@ def _how_initialized(job: Job, options: LoadOptions) -> str:
     return f"init: {type(job.tensor.slot.owner).__name__}.reset_parameters()"
 
 
-def _place_nonpersistent(slots: list[TensorSlot], plan: DevicePlan, journal: _Journal) -> None:
+def _place_nonpersistent(slots: list[TensorSlot], plan: DevicePlan, journal: Journal) -> None:
     """Non-persistent buffers run with their unit: on its device, else on the main device."""
     for slot in slots:
         device = plan.memory_device(slot.fqn)
         if slot.tensor.device.type != "meta" and slot.tensor.device != device:
             journal.replace(slot, slot.tensor.to(device))
-
-
-# --- a model already in memory ------------------------------------------------------------------
-def place_weights(
-    model: nn.Module,
-    plan: DevicePlan,
-    *,
-    store: OffloadStore | None = None,
-    offload_folder: str | os.PathLike | None = None,
-) -> OffloadStore:
-    """Place a model whose tensors are in memory (or in ``store``) where ``plan`` says: moved to
-    their devices, disk-placed ones written once to ``offload_folder`` and served from it.
-    Meta tensors not served by ``store`` are an error listing all of them, before anything
-    moves. Returns the store dispatch pages from."""
-    store = store if store is not None else OffloadStore()
-    check_covers(model, {u.name: u for u in plan.units})
-    refuse_meta(model, plan, store)
-    slots = unique_slots(model)
-    with _Journal() as journal:
-        _offload_in_memory(model, slots, plan, store, offload_folder, journal)
-        for slot in slots:
-            device = plan.memory_device(slot.fqn)
-            if slot.fqn not in store.items and slot.tensor.device != device:
-                journal.replace(slot, slot.tensor.to(device))
-    return store
-
-
-def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None:
-    """A MetaTensorError listing every tensor of ``model`` still on meta and not served by
-    ``store``: nothing runs on uninitialised memory."""
-    slots = [s for s in unique_slots(model)
-             if s.tensor.device.type == "meta" and s.fqn not in store.items
-             and _held_here(plan, s)]
-    nonpersistent = [s for s in slots if not s.persistent]
-    if nonpersistent:  # no checkpoint can fill them: the skeleton was built wrongly
-        raise meta_problems(nonpersistent, "error", None, plan.main)  # type: ignore[misc]
-    metas = [f"{s.fqn!r} planned for {_planned(plan, s.fqn)}" for s in slots]
-    if metas:
-        raise MetaTensorError(
-            f"{len(metas)} tensor(s) of {type(model).__name__} are on 'meta' (no data), so they "
-            "cannot be dispatched:\n" + format_problems(metas)
-            + "\nLoad them first (bigload.load_checkpoint_and_dispatch does both) or "
-            "bigload.materialize(model, device, missing='init')."
-        )
-
-
-def _held_here(plan: DevicePlan, slot: TensorSlot) -> bool:
-    """Whether this rank holds the tensor: another rank's tensors are meta here on purpose
-    (the plan names the rank that holds them)."""
-    return not slot.persistent or plan.holds(slot.fqn)
-
-
-def _planned(plan: DevicePlan, fqn: str) -> str:
-    unit = plan.unit_of(fqn)
-    return placement_str(plan.placement_of(fqn)) if unit is not None else "the main device"
-
-
-def _offload_in_memory(model, slots, plan, store, offload_folder, journal) -> None:  # noqa: ANN001
-    """Disk-placed tensors held in memory are written once to the offload folder and replaced
-    by views of it (a tensor initialised in memory for a disk unit stays in the CPU tier)."""
-    todo = [s for s in slots if s.persistent and s.fqn not in store.items
-            and plan.unit_of(s.fqn) is not None and plan.placement_of(s.fqn) == DISK]
-    if not todo:
-        return
-    if offload_folder is None:
-        raise OffloadError(
-            f"{len(todo)} tensor(s) are placed on disk but held in memory, e.g. {todo[0].fqn!r}; "
-            "pass offload_dir=... to write them there once (or load them with "
-            "bigload.load_checkpoint_and_dispatch, which serves safetensors files directly)"
-        )
-    items = [OffloadItem(s.fqn, s.tensor.dtype, tuple(s.tensor.shape), lambda s=s: s.tensor)
-             for s in todo]
-    served = serve_from_folder(offload_folder, items)
-    store.readers.extend(served.readers)
-    store.bytes_written += served.bytes_written
-    for slot in todo:
-        item = served.tensors[slot.fqn]
-        store.add(item)
-        journal.replace(slot, item.tensor)
-
-
-# --- all or nothing -----------------------------------------------------------------------------
-class _Journal:
-    """Records what each replaced slot held; on an exception every slot gets it back, so a
-    failed load leaves the model as it was (meta tensors stay meta)."""
-
-    def __init__(self) -> None:
-        self._saved: dict[tuple[int, str, bool], tuple[TensorSlot, torch.Tensor]] = {}
-
-    def save(self, slots: Any) -> None:
-        for slot in slots:
-            key = (id(slot.owner), slot.leaf, slot.is_param)
-            self._saved.setdefault(key, (slot, slot.tensor.detach()))
-
-    def replace(self, slot: TensorSlot, new: torch.Tensor) -> None:
-        self.save([slot])
-        replace_tensor(slot, new)
-
-    def __enter__(self) -> _Journal:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        if exc_type is None:
-            return
-        for slot, old in reversed(list(self._saved.values())):
-            replace_tensor(slot, old, swap=True)

@@ -3,7 +3,7 @@ the progress bar of a long load."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,8 @@ class LoadReport:
         return out
 
     def __str__(self) -> str:
-        devices = ", ".join(f"{d}: {format_size(b)}" for d, b in self.bytes_per_device.items())
+        from .plan.render import table
+
         lines = [
             f"loaded {self.model_class} from {self.checkpoint!r} in {self.seconds:.2f} s",
             f"  tensors loaded: {len(self.loaded)} ({self.zero_copy} as zero-copy file views)",
@@ -46,13 +47,15 @@ class LoadReport:
             f"  kept (real buffers not in the checkpoint): {len(self.kept)}",
             f"  unexpected (in the checkpoint, unused): {len(self.unexpected)}",
             f"  cast: {len(self.cast)}",
-            f"  bytes per device: {devices or 'none'}",
             f"  bytes written to an offload folder: {format_size(self.bytes_written)}",
         ]
         if self.prefix_change:
             lines.append(f"  checkpoint keys {self.prefix_change}")
+        rows = [[device, format_size(size)] for device, size in self.bytes_per_device.items()]
+        lines += ["", *table(["device", "bytes"], rows, right={1})] if rows else [
+            "  bytes per device: none"]
         if self.initialized:
-            lines.append("  initialised tensors:\n" + format_problems(
+            lines.append("initialised tensors:\n" + format_problems(
                 [f"{k!r}: {v}" for k, v in self.initialized.items()]))
         return "\n".join(lines)
 
@@ -63,15 +66,21 @@ class _NoBar:
 
 
 class progress:  # noqa: N801 - a context manager used like a function
-    """A byte-counting bar over ``total_bytes`` (on a terminal by default); ``update(n)``."""
+    """A byte-counting bar over ``total_bytes``: none by default (the library logs; the CLI
+    draws), tqdm's with ``enabled=True``, or the caller's own when ``enabled`` is a callable: it
+    gets the total and returns an object with ``update(n)`` and ``close()`` (how the CLI draws
+    its own)."""
 
-    def __init__(self, enabled: bool | None, total_bytes: int):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    def __init__(self, enabled: bool | None | Callable[[int], Any], total_bytes: int):
+        self.factory = enabled if callable(enabled) else None
+        self.enabled = bool(enabled)
         self.total = total_bytes
         self.bar: Any = _NoBar()
 
     def __enter__(self) -> Any:
-        if self.enabled:
+        if self.factory is not None:
+            self.bar = self.factory(self.total)
+        elif self.enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,

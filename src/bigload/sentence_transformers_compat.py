@@ -33,15 +33,10 @@ from torch import nn
 
 from .devices import parse_max_memory, placement_str
 from .errors import ModelResolveError, UnsupportedArgumentError
-from .hf import (
-    HubSource,
-    LoadOptions,
-    accepted_arguments,
-    load_pretrained,
-    model_config,
-    read_json,
-    resolve_model_path,
-)
+from .hf.build import model_config
+from .hf.options import ACCEPTED_ARGUMENTS, HubSource, LoadOptions, read_json
+from .hf.pretrained import load_pretrained
+from .hf.resolve import resolve_model_path
 from .hf_args import refuse_unknown, translate_kwargs
 
 logger = logging.getLogger(__name__)
@@ -126,7 +121,7 @@ def _init_kwargs(cls: type, given: dict[str, Any], options: LoadOptions) -> dict
     params = [p for p in inspect.signature(cls.__init__).parameters
               if p != "self" and p not in _CONTROLLED]
     unknown = [name for name in given if name not in params]
-    refuse_unknown(unknown, [*accepted_arguments(), *params], f"arguments of {cls.__name__}")
+    refuse_unknown(unknown, [*list(ACCEPTED_ARGUMENTS), *params], f"arguments of {cls.__name__}")
     model_kwargs = dict(given.pop("model_kwargs", None) or {})
     # a device map makes the library leave its transformers models where bigload put them
     model_kwargs["device_map"] = options.device_map if options.device_map is not None else "cpu"
@@ -150,8 +145,8 @@ class _Loads:
         config = kwargs.pop("config", None)
         renamed, rest = translate_kwargs(kwargs)
         given = {**rest, **renamed}
-        refuse_unknown([k for k in given if k not in accepted_arguments()],
-                       accepted_arguments(), f"from_pretrained arguments bigload honours "
+        refuse_unknown([k for k in given if k not in list(ACCEPTED_ARGUMENTS)],
+                       list(ACCEPTED_ARGUMENTS), f"from_pretrained arguments bigload honours "
                        f"(loading {cls.__name__} for sentence-transformers)")
         subfolder = given.get("subfolder") or ""
         folder = self._folder(path, subfolder, given)

@@ -14,9 +14,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .devices import DISK, DeviceLike, parse_device
+from .devices import DISK, DeviceLike, parse_device, parse_dtype
 from .errors import (
     DeviceError,
+    DtypeError,
     MetaTensorError,
     NoInitError,
     ShapeMismatchError,
@@ -41,6 +42,18 @@ def parse_target(device: DeviceLike) -> torch.device:
             "bigload.load_checkpoint_and_dispatch(...); here use 'cpu' or an accelerator"
         )
     return parse_device(device)
+
+
+def _check_cast(tensor_name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Refuse a cast of a float tensor to a non-float dtype (torch would truncate the values, or
+    refuse it for a parameter that requires grad)."""
+    if dtype is None or dtype.is_floating_point or not tensor.is_floating_point():
+        return
+    raise DtypeError(
+        f"{tensor_name!r} is a {tensor.dtype} tensor; dtype={dtype} would cast it to a non-float "
+        "dtype, and bigload casts floats to float dtypes only (int and bool tensors keep their "
+        "own dtype). Pass a float dtype such as torch.bfloat16, or dtype=None to keep it."
+    )
 
 
 def cast_like(value: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -70,11 +83,14 @@ def set_module_tensor_to_device(
     existing dtype). Without ``value``, a real tensor moves; a ``meta`` tensor follows ``missing``:
     ``"error"`` raises :class:`MetaTensorError`, ``"init"`` runs the owning module's own
     initialisation on the target device, ``"zeros"`` fills zeros. Never uninitialised memory.
+    ``dtype`` (a torch dtype or its name) applies to float tensors only and must be a float dtype.
     """
     check_policy(missing)
     target = parse_target(device)
+    dtype = parse_dtype(dtype)
     slot = find_slot(module, tensor_name)
     old = slot.tensor
+    _check_cast(tensor_name, old if value is None else value, dtype)
     if value is not None:
         if tuple(value.shape) != tuple(old.shape):
             raise ShapeMismatchError(
@@ -311,10 +327,12 @@ def materialize(
     """What ``model.to(device)`` should be for a model that may hold meta tensors.
 
     Real tensors move; meta tensors follow ``missing``. Every problem is collected and raised
-    once, before anything is changed. Ties stay ties. Returns ``model``.
+    once, before anything is changed. Ties stay ties. Returns ``model``. ``dtype`` (float dtypes
+    only) applies to float tensors.
     """
     check_policy(missing)
     target = parse_target(device)
+    dtype = parse_dtype(dtype, floating=True)
     metas: list[TensorSlot] = []
     reals: list[TensorSlot] = []
     for slot in unique_slots(model):

@@ -3,7 +3,17 @@
 
 from __future__ import annotations
 
+from ._files import open_unchanged
+from ._types import FileIdentity
 from .index import CheckpointIndex, TensorEntry, read_index
 from .reader import CheckpointReader, open_reader
 
-__all__ = ["CheckpointIndex", "CheckpointReader", "TensorEntry", "open_reader", "read_index"]
+__all__ = [
+    "CheckpointIndex",
+    "CheckpointReader",
+    "FileIdentity",
+    "TensorEntry",
+    "open_reader",
+    "open_unchanged",
+    "read_index",
+]

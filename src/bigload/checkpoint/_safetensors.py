@@ -3,20 +3,25 @@ then the tensor bytes from offset 8 + N. Nothing past the header is read."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import reprlib
 from pathlib import Path
 
 import torch
 
 from bigload.errors import CorruptCheckpointError, format_problems
 
+from ._files import content_id, file_identity, open_regular, os_error
+from ._json import MAX_JSON_BYTES, JsonProblem, no_gc, parse_object
 from ._types import FileHeader, TensorEntry
 
 logger = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = MAX_JSON_BYTES
+MAX_DIMS = 64  # torch takes more; no real checkpoint has more than a handful
+_INT64_MAX = 2**63 - 1
 _DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -31,43 +36,65 @@ _FIX = "The file is truncated or corrupted; download or save it again."
 
 
 def read_safetensors_header(path: Path) -> FileHeader:
-    """Entries (absolute byte ranges, in file order) and ``__metadata__`` of one file."""
-    size = path.stat().st_size
-    header, data_start = _load_header(path, size)
-    metadata = _metadata(path, header.pop("__metadata__", None))
-    problems = [p for name, raw in header.items() if (p := _problem(name, raw, data_start, size))]
-    if problems:
-        _raise(path, problems)
-    entries = [_entry(path, name, raw, data_start) for name, raw in header.items()]
-    entries.sort(key=lambda e: e.byte_range)
-    overlaps = _overlaps(entries)
-    if overlaps:
-        _raise(path, overlaps)
-    return FileHeader(path, "safetensors", entries, metadata)
-
-
-def _load_header(path: Path, size: int) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise CorruptCheckpointError(
-                f"safetensors file '{path}' ({size} bytes) is not valid: its header length "
-                f"{'is missing' if length < 0 else f'says {length} bytes'}, which does not fit "
-                f"the file (limit {MAX_HEADER_BYTES} bytes). {_FIX}"
-            )
-        raw = f.read(length)
+    """Entries (absolute byte ranges, in file order) and ``__metadata__`` of one file, and the
+    file's identity (stat and header bytes)."""
+    fd, st = open_regular(path)
     try:
-        header = json.loads(raw)
-    except ValueError as err:
+        with open(fd, "rb") as f:
+            prefix, raw = _read_header(path, f, st.st_size)
+    except OSError as err:  # an I/O error while reading
+        raise os_error(path, err) from err
+    header = _parse(path, raw)
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    entries = _entries(path, header, 8 + len(raw), st.st_size)
+    return FileHeader(path, "safetensors", entries, metadata,
+                      identity=file_identity(st, prefix, raw))  # fmt: skip
+
+
+def file_content_id(fd: int, size: int) -> str | None:
+    """The ``content_id`` :func:`read_safetensors_header` recorded, of the open file ``fd``
+    (None when its header length does not fit). Read with ``pread``, not through a map: pages
+    touched through a map stay mapped, and the kernel's read-around would map the first tensors
+    with the header, out of reach of the offload tier's page dropping."""
+    prefix = os.pread(fd, 8, 0)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
+        return None
+    return content_id(size, prefix, os.pread(fd, length, 8))
+
+
+def _read_header(path: Path, f, size: int) -> tuple[bytes, bytes]:
+    prefix = f.read(8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if length > MAX_HEADER_BYTES:
         raise CorruptCheckpointError(
-            f"safetensors file '{path}': its {length}-byte header is not valid JSON ({err}). {_FIX}"
-        ) from err
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(
-            f"safetensors file '{path}': its header is not a JSON object. {_FIX}"
+            f"safetensors file '{path}' ({size} bytes): its header length says {length} bytes, "
+            f"more than bigload reads ({MAX_HEADER_BYTES} bytes, the headers of ~250,000 "
+            "tensors). If the file is corrupt, download or save it again; if it really holds "
+            "that many tensors, save it as shards (huggingface_hub.save_torch_state_dict with "
+            "max_shard_size='5GB')."
         )
-    return header, 8 + length
+    if length < 0 or 8 + length > size:
+        raise CorruptCheckpointError(
+            f"safetensors file '{path}' ({size} bytes) is not valid: its header length "
+            f"{'is missing' if length < 0 else f'says {length} bytes'}, which does not fit "
+            f"the file. {_FIX}"
+        )
+    raw = f.read(length)
+    if len(raw) != length:
+        raise CorruptCheckpointError(
+            f"safetensors file '{path}' ended while its {length}-byte header was read. {_FIX}"
+        )
+    return prefix, raw
+
+
+def _parse(path: Path, raw: bytes) -> dict:
+    try:
+        return parse_object(raw)
+    except JsonProblem as err:
+        raise CorruptCheckpointError(
+            f"safetensors file '{path}': its {len(raw)}-byte header is refused: {err}. {_FIX}"
+        ) from err
 
 
 def _metadata(path: Path, raw: object) -> dict[str, str]:
@@ -83,47 +110,83 @@ def _metadata(path: Path, raw: object) -> dict[str, str]:
     return metadata
 
 
-def _problem(name: str, raw: object, data_start: int, size: int) -> str | None:
-    """What is wrong with one header entry, or None."""
-    field_problem = _field_problem(raw)
-    if field_problem:
-        return f"'{name}': {field_problem}"
+def _entries(path: Path, header: dict, data_start: int, size: int) -> list[TensorEntry]:
+    """Every tensor of the header, checked (all problems raised at once) and in file order."""
+    with no_gc():
+        checked = [_entry_or_problem(path, name, raw, data_start, size)
+                   for name, raw in header.items()]  # fmt: skip
+    problems = [item for item in checked if isinstance(item, str)]
+    if problems:
+        _raise(path, problems)
+    entries = sorted(checked, key=lambda e: e.byte_range)
+    overlaps = _overlaps(entries)
+    if overlaps:
+        _raise(path, overlaps)
+    return entries
+
+
+def _entry_or_problem(
+    path: Path, name: str, raw: object, data_start: int, size: int
+) -> TensorEntry | str:
+    """The entry of one header item, or what is wrong with it."""
+    problem = _field_problem(raw)
+    if problem:
+        return f"{_quoted(name)}: {problem}"
     dtype = DTYPES[raw["dtype"]]
-    start, end = raw["data_offsets"]
-    needed = math.prod(raw["shape"]) * dtype.itemsize
+    shape, (start, end) = raw["shape"], raw["data_offsets"]
+    needed = math.prod(shape) * dtype.itemsize
     if end - start != needed:
         return (
-            f"'{name}': data_offsets [{start}, {end}) hold {end - start} bytes, but dtype "
-            f"{raw['dtype']} shape {tuple(raw['shape'])} needs {needed}"
+            f"{_quoted(name)}: data_offsets [{start}, {end}) hold {end - start} bytes, but dtype "
+            f"{raw['dtype']} shape {tuple(shape)} needs {needed}"
         )
     if data_start + end > size:
-        return f"'{name}': ends at byte {data_start + end}, but the file has {size} (truncated)"
-    return None
+        return (f"{_quoted(name)}: ends at byte {data_start + end}, but the file has {size} "
+                "(truncated)")  # fmt: skip
+    return TensorEntry(name, path, dtype, tuple(shape), (data_start + start, data_start + end))
 
 
 def _field_problem(raw: object) -> str | None:
-    if not isinstance(raw, dict) or not {"dtype", "shape", "data_offsets"} <= raw.keys():
+    if type(raw) is not dict or not {"dtype", "shape", "data_offsets"} <= raw.keys():
         return "entry lacks 'dtype', 'shape' or 'data_offsets'"
-    if raw["dtype"] not in DTYPES:
-        return f"unknown dtype {raw['dtype']!r} (known: {', '.join(DTYPES)})"
-    shape, offsets = raw["shape"], raw["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        return f"shape {shape!r} is not a list of non-negative integers"
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
-        return f"data_offsets {offsets!r} is not [start, end] of non-negative integers"
+    dtype, offsets = raw["dtype"], raw["data_offsets"]
+    if type(dtype) is not str or dtype not in DTYPES:
+        return f"unknown dtype {_short(dtype)} (known: {', '.join(DTYPES)})"
+    shape_problem = _shape_problem(raw["shape"], DTYPES[dtype].itemsize)
+    if shape_problem:
+        return shape_problem
+    if type(offsets) is not list or len(offsets) != 2 or not _counts(offsets):
+        return f"data_offsets {_short(offsets)} is not [start, end] of non-negative integers"
     if offsets[0] > offsets[1]:
         return f"data_offsets {offsets!r} end before they start"
     return None
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _shape_problem(shape: object, itemsize: int) -> str | None:
+    """Why ``shape`` is not a torch shape: non-negative ints, at most MAX_DIMS of them, whose
+    sizes and strides (zero-size tensors included) fit torch's int64."""
+    if type(shape) is not list or not _counts(shape):
+        return f"shape {_short(shape)} is not a list of non-negative integers"
+    if len(shape) > MAX_DIMS:
+        return f"shape has {len(shape)} dimensions (bigload reads up to {MAX_DIMS})"
+    if 0 in shape and math.prod(d or 1 for d in shape) * itemsize > _INT64_MAX:
+        return f"shape {tuple(shape)} is too large for any tensor (over 2**63 bytes)"
+    return None
 
 
-def _entry(path: Path, name: str, raw: dict, data_start: int) -> TensorEntry:
-    start, end = raw["data_offsets"]
-    byte_range = (data_start + start, data_start + end)
-    return TensorEntry(name, path, DTYPES[raw["dtype"]], tuple(raw["shape"]), byte_range)
+def _counts(values: list) -> bool:
+    """Whether ``values`` are ints (not bools) in 0..2**63-1 (set and min run in C: this runs
+    for every tensor of a header)."""
+    return not values or (set(map(type, values)) == {int} and 0 <= min(values)
+                          and max(values) <= _INT64_MAX)  # fmt: skip
+
+
+def _short(value: object) -> str:
+    return reprlib.repr(value)  # a hostile header's values can be megabytes long
+
+
+def _quoted(name: str) -> str:
+    return f"'{name}'" if len(name) <= 200 else f"'{name[:197]}...'"
 
 
 def _overlaps(entries: list[TensorEntry]) -> list[str]:
@@ -132,8 +195,8 @@ def _overlaps(entries: list[TensorEntry]) -> list[str]:
     for entry in (e for e in entries if e.nbytes):
         if previous is not None and entry.byte_range[0] < previous.byte_range[1]:
             problems.append(
-                f"'{entry.name}' bytes {list(entry.byte_range)} overlap "
-                f"'{previous.name}' bytes {list(previous.byte_range)}"
+                f"{_quoted(entry.name)} bytes {list(entry.byte_range)} overlap "
+                f"{_quoted(previous.name)} bytes {list(previous.byte_range)}"
             )
         if previous is None or entry.byte_range[1] > previous.byte_range[1]:
             previous = entry

@@ -5,13 +5,20 @@ Shard names never escape the index's folder; every tensor is in exactly the shar
 
 from __future__ import annotations
 
-import json
 import os
+import reprlib
 from collections.abc import Callable
 from pathlib import Path
 
-from bigload.errors import CheckpointIndexError, UnsafeCheckpointError, format_problems
+from bigload.errors import (
+    CheckpointError,
+    CheckpointIndexError,
+    UnsafeCheckpointError,
+    format_problems,
+)
 
+from ._files import open_regular, os_error
+from ._json import MAX_JSON_BYTES, JsonProblem, parse_object
 from ._types import FileHeader
 
 _REGENERATE = (
@@ -26,45 +33,70 @@ def read_sharded(
     """Headers of every shard the index names (sorted by file name) and the index metadata."""
     doc = _load(index_file)
     weight_map = _weight_map(index_file, doc)
+    metadata = _metadata(index_file, doc.get("metadata"))
     headers = [read_file(path) for path in _shard_paths(index_file, weight_map)]
     check_shards(index_file, weight_map, headers)
-    metadata = doc.get("metadata")
-    return headers, {str(k): str(v) for k, v in (metadata or {}).items()}
+    return headers, metadata
 
 
 def _load(index_file: Path) -> dict:
+    fd, st = open_regular(index_file)
+    with open(fd, "rb") as f:
+        if st.st_size > MAX_JSON_BYTES:
+            raise CheckpointIndexError(
+                f"shard index '{index_file}' is {st.st_size} bytes, more than bigload reads "
+                f"({MAX_JSON_BYTES} bytes, the names of ~300,000 tensors). {_REGENERATE}"
+            )
+        raw = _read(index_file, f, st.st_size)
     try:
-        doc = json.loads(index_file.read_bytes())
-    except ValueError as err:
+        return parse_object(raw)
+    except JsonProblem as err:
         raise CheckpointIndexError(
-            f"shard index '{index_file}' is not valid JSON ({err}). {_REGENERATE}"
+            f"shard index '{index_file}' is refused: {err}. {_REGENERATE}"
         ) from err
-    if not isinstance(doc, dict):
-        raise CheckpointIndexError(
-            f"shard index '{index_file}' is not a JSON object. {_REGENERATE}"
-        )
-    return doc
+
+
+def _read(index_file: Path, f, size: int) -> bytes:
+    try:
+        return f.read(size + 1)  # a file growing while it is read is cut at the cap
+    except OSError as err:
+        raise os_error(index_file, err) from err
 
 
 def _weight_map(index_file: Path, doc: dict) -> dict[str, str]:
     # transformers writes {"metadata": ..., "weight_map": {...}}; accelerate also reads a bare
     # {tensor: file} map
     weight_map = doc.get("weight_map", doc if "metadata" not in doc else None)
-    valid = isinstance(weight_map, dict) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    )
-    if not valid or not weight_map:
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointIndexError(
-            f"shard index '{index_file}' has no 'weight_map' of tensor name -> shard file name. "
-            f"{_REGENERATE}"
+            f"shard index '{index_file}' has no 'weight_map' of tensor name -> shard file name "
+            f"(found {reprlib.repr(weight_map)}). {_REGENERATE}"
+        )
+    wrong = [f"{reprlib.repr(name)}: {reprlib.repr(shard)}"
+             for name, shard in weight_map.items() if not isinstance(shard, str)]  # fmt: skip
+    if wrong:
+        raise CheckpointIndexError(
+            f"shard index '{index_file}': {len(wrong)} 'weight_map' value(s) are not shard file "
+            f"names (strings):\n{format_problems(wrong)}\n{_REGENERATE}"
         )
     return weight_map
+
+
+def _metadata(index_file: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise CheckpointIndexError(
+            f"shard index '{index_file}': 'metadata' is a {type(metadata).__name__}, not an "
+            f"object such as {{\"total_size\": 123}}. {_REGENERATE}"
+        )
+    return {key: str(value) for key, value in metadata.items()}
 
 
 def _shard_paths(index_file: Path, weight_map: dict[str, str]) -> list[Path]:
     root = index_file.parent
     names = sorted(set(weight_map.values()))
-    unsafe = [repr(name) for name in names if not _stays_inside(name)]
+    unsafe = [_named(name) for name in names if not _stays_inside(name)]
     if unsafe:
         raise UnsafeCheckpointError(
             f"shard index '{index_file}' names {len(unsafe)} file(s) outside its folder "
@@ -72,14 +104,45 @@ def _shard_paths(index_file: Path, weight_map: dict[str, str]) -> list[Path]:
             "the checkpoint folder; bigload does not follow them. Fix the index."
         )
     paths = {name: root / os.path.normpath(name) for name in names}
-    missing = [f"'{path}' (named for {list(weight_map.values()).count(name)} tensors)"
-               for name, path in paths.items() if not path.is_file()]  # fmt: skip
+    counts: dict[str, int] = {}
+    for name in weight_map.values():
+        counts[name] = counts.get(name, 0) + 1
+    missing = [f"{_quoted(path)} (named for {counts[name]} tensors{_why_missing(path)})"
+               for name, path in paths.items() if not _is_file(path)]  # fmt: skip
     if missing:
         raise CheckpointIndexError(
-            f"shard index '{index_file}' names {len(missing)} shard(s) that do not exist:\n"
-            f"{format_problems(missing)}\nDownload the missing shards into '{root}'."
+            f"shard index '{index_file}' names {len(missing)} shard(s) that do not exist or "
+            f"cannot be read:\n{format_problems(missing)}\nDownload the missing shards into "
+            f"'{root}' (or fix the names in the index)."
         )
     return list(dict.fromkeys(paths.values()))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _why_missing(path: Path) -> str:
+    """Why a shard cannot be opened, when it is not simply absent."""
+    try:
+        fd, _ = open_regular(path)
+    except CheckpointError as err:
+        reason = str(err)
+        return "" if "does not exist" in reason else f"; {reason}"
+    os.close(fd)
+    return ""
+
+
+def _named(name: str) -> str:
+    return repr(name) if len(name) <= 300 else f"{name[:297]!r}..."
+
+
+def _quoted(path: Path) -> str:
+    text = str(path)
+    return f"'{text}'" if len(text) <= 300 else f"'{text[:297]}...'"
 
 
 def _stays_inside(name: str) -> bool:

@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -36,6 +37,27 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What one checkpoint file was when it was indexed. A reader compares it with the file it
+    opens and refuses a file that changed (:class:`~bigload.errors.CheckpointChangedError`).
+
+    ``content_id`` identifies the content by what was read, not by file-system metadata: the
+    sha256 of the file's size and its header bytes (the safetensors header; for a torch zip, its
+    central directory, which holds every record's CRC-32). A copy made with ``cp -p`` or
+    ``rsync -t`` keeps size and mtime, not a ``content_id`` of other content. ``ctime_ns``
+    changes on every write (and ``utime``, ``chmod``) and cannot be set by users: a rewrite that
+    restores the mtime and keeps the header still differs in it.
+    """
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+    content_id: str
+
+
+@dataclass(frozen=True)
 class CheckpointIndex:
     """Every tensor of a checkpoint (name -> entry, in file order), read from headers only."""
 
@@ -46,6 +68,8 @@ class CheckpointIndex:
     metadata: Mapping[str, str]
     notes: tuple[str, ...] = ()
     total_bytes: int = 0
+    # file -> what it was when indexed; readers refuse a file that no longer matches
+    identities: Mapping[Path, FileIdentity] = field(default_factory=lambda: MappingProxyType({}))
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
@@ -72,3 +96,4 @@ class FileHeader:
     entries: list[TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    identity: FileIdentity | None = None

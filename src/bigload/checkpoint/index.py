@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 from bigload.errors import CheckpointIndexError, CheckpointNotFoundError, format_problems
 
+from ._files import os_error
 from ._safetensors import read_safetensors_header
 from ._shards import read_sharded
 from ._torch_pickle import TORCH_SUFFIXES, read_torch_header
@@ -44,8 +45,8 @@ _NOT_WEIGHTS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin"
 
 def read_index(path: str | os.PathLike[str]) -> CheckpointIndex:
     """Index the checkpoint at ``path``: a weight file, a shard index, or a folder holding one."""
-    target = Path(path).expanduser()
-    if not target.exists():
+    target = _expand(Path(path))
+    if _stat(target) is None:
         raise CheckpointNotFoundError(
             f"checkpoint '{target.absolute()}' does not exist. Pass a folder with "
             "model.safetensors (or shards and their *.index.json), a .safetensors file, or a "
@@ -61,12 +62,30 @@ def read_index(path: str | os.PathLike[str]) -> CheckpointIndex:
     return _build(root, headers, metadata, notes)
 
 
+def _expand(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError as err:  # "~someone" with no such user
+        raise CheckpointNotFoundError(f"checkpoint '{path}': {err}. Pass a full path.") from err
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``path``'s stat (links followed), None when nothing is there; other OS errors typed."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as err:
+        raise os_error(path, err) from err
+
+
 def _choose_files(folder: Path) -> tuple[list[Path], list[str]]:
     """The weight files of a folder (one shard index, or weight files); safetensors first."""
-    found = [(layout, _layout_files(folder, layout)) for layout in _LAYOUTS]
+    listing = _list(folder)
+    found = [(layout, _layout_files(folder, listing, layout)) for layout in _LAYOUTS]
     found = [(layout, files) for layout, files in found if files]
     if not found:
-        raise CheckpointNotFoundError(_nothing_found(folder))
+        raise CheckpointNotFoundError(_nothing_found(folder, listing))
     notes = [_note_many(folder, found[0][1])] if len(found[0][1]) > 1 else []
     if len(found) > 1:
         notes.append(
@@ -78,16 +97,35 @@ def _choose_files(folder: Path) -> tuple[list[Path], list[str]]:
     return found[0][1], notes
 
 
-def _layout_files(folder: Path, layout: _Layout) -> list[Path]:
-    indexes = sorted(folder.glob(f"*{layout.index_suffix}"))
+def _list(folder: Path) -> dict[str, bool]:
+    """Name -> whether it is a folder, for every entry of ``folder`` (read once)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name: _is_dir(entry) for entry in entries}
+    except OSError as err:
+        raise os_error(folder, err) from err
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False  # opening it reports why it cannot be read
+
+
+def _layout_files(folder: Path, listing: dict[str, bool], layout: _Layout) -> list[Path]:
+    """The files of ``layout`` in ``folder``. Anything that is not a folder counts as a file: a
+    FIFO or device named like a checkpoint is refused when opened, not skipped in silence."""
+    indexes = sorted(folder / name for name in listing if name.endswith(layout.index_suffix))
     if indexes:
         standard = folder / layout.index_name
         return [standard if standard in indexes else indexes[0]]
-    if (folder / layout.single_name).is_file():
+    if listing.get(layout.single_name) is False:
         return [folder / layout.single_name]
     return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix in layout.suffixes and not p.name.startswith(_NOT_WEIGHTS)
+        folder / name for name, is_dir in listing.items()
+        if not is_dir and Path(name).suffix in layout.suffixes
+        and not name.startswith(_NOT_WEIGHTS)
     )  # fmt: skip
 
 
@@ -99,10 +137,10 @@ def _names(files: list[Path]) -> str:
     return ", ".join(f.name for f in files)
 
 
-def _nothing_found(folder: Path) -> str:
+def _nothing_found(folder: Path, listing: dict[str, bool]) -> str:
     looked_for = [f"{layout.index_name} or *{layout.index_suffix}, {layout.single_name}, "
                   f"*{', *'.join(layout.suffixes)}" for layout in _LAYOUTS]  # fmt: skip
-    present = sorted(p.name for p in folder.iterdir())
+    present = sorted(listing)
     return (
         f"no checkpoint files in '{folder}'. Looked for:\n{format_problems(looked_for)}\n"
         f"Found {len(present)} entries"
@@ -147,6 +185,7 @@ def _build(
         metadata=MappingProxyType(metadata),
         notes=tuple(notes + [note for header in headers for note in header.notes]),
         total_bytes=sum(entry.nbytes for entry in entries.values()),
+        identities=MappingProxyType({header.file: header.identity for header in headers}),
     )
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import threading
 from pathlib import Path
 
 import torch
 
-from bigload.errors import CheckpointError, CorruptCheckpointError
+from bigload.errors import CheckpointChangedError, CheckpointError, CorruptCheckpointError
 
+from ._files import changed, check_content, open_regular, open_unchanged, os_error
+from ._safetensors import file_content_id
 from ._torch_pickle import load_state_dict
-from ._types import CheckpointIndex, TensorEntry
+from ._types import CheckpointIndex, FileIdentity, TensorEntry
 
 __all__ = ["CheckpointReader", "open_reader"]
 
@@ -26,6 +29,10 @@ class CheckpointReader:
     safetensors tensors are views of one ``mmap.ACCESS_COPY`` (MAP_PRIVATE) map per file: no
     copy, pages come from the page cache on first touch, and writing to a tensor never changes
     the file. ``mmap_for(file)`` hands out that map so offload code can ``madvise`` it.
+
+    Each file is checked when it is opened: a file whose size, times, inode or header differ
+    from what ``read_index`` recorded (``index.identities``) raises
+    :class:`~bigload.errors.CheckpointChangedError` before any of its tensors is served.
     """
 
     def __init__(self, index: CheckpointIndex):
@@ -33,7 +40,7 @@ class CheckpointReader:
         self._lock = threading.Lock()
         self._closed = False
         self._mmaps: dict[Path, mmap.mmap] = {}
-        self._bytes: dict[Path, torch.Tensor] = {}  # one uint8 tensor over each whole map
+        self._bytes: dict[Path, memoryview] = {}  # one view of each whole map
         self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
 
     def __enter__(self) -> CheckpointReader:
@@ -82,26 +89,28 @@ class CheckpointReader:
         if entry.numel == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         data = self._file_bytes(entry.file)
-        if end > data.numel():
+        if end > len(data):
             raise CorruptCheckpointError(
                 f"'{entry.name}' ends at byte {end} of '{entry.file}', which now has "
-                f"{data.numel()} bytes: the file changed since it was indexed. Index it again."
+                f"{len(data)} bytes: the file changed since it was indexed. Index it again."
             )
-        raw = data[start:end]
+        # a storage of its own over exactly its bytes (still zero-copy): saving a loaded model
+        # (torch.save, safetensors) writes each tensor's bytes, not the whole mapped file
+        raw = torch.frombuffer(data[start:end], dtype=torch.uint8)
         if start % entry.dtype.itemsize:
             raw = raw.clone()  # a misaligned start cannot be viewed as `dtype`
         return raw.view(entry.dtype).view(entry.shape)
 
     def _torch_tensor(self, entry: TensorEntry) -> torch.Tensor:
-        state_dict = self._state_dict(entry.file)
-        if entry.name not in state_dict:
-            raise CorruptCheckpointError(
-                f"'{entry.name}' is no longer in '{entry.file}': the file changed since it was "
-                "indexed. Index it again."
+        tensor = self._state_dict(entry.file).get(entry.name)
+        if tensor is None or (tensor.dtype, tuple(tensor.shape)) != (entry.dtype, entry.shape):
+            raise CheckpointChangedError(
+                f"'{entry.name}' of '{entry.file}' is no longer the {entry.dtype} tensor of shape "
+                f"{entry.shape} that was indexed: the file changed. Call read_index again."
             )
-        return state_dict[entry.name].detach().contiguous()
+        return tensor.detach().contiguous()
 
-    def _file_bytes(self, path: Path) -> torch.Tensor:
+    def _file_bytes(self, path: Path) -> memoryview:
         data = self._bytes.get(path)
         if data is not None:
             return data
@@ -111,13 +120,18 @@ class CheckpointReader:
                 self._bytes[path] = self._map(path)
             return self._bytes[path]
 
-    def _map(self, path: Path) -> torch.Tensor:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    def _map(self, path: Path) -> memoryview:
+        fd = _open_checked(path, self.index.identities.get(path))
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as err:  # emptied since the fstat a moment ago
+            raise changed(path, [f"it cannot be mapped ({err})"]) from err
+        finally:
+            os.close(fd)
         self._mmaps[path] = mm
-        # torch.frombuffer releases its buffer export at once; the memoryview it keeps alive
-        # holds one, so mm.close() raises BufferError instead of unmapping under a live tensor.
-        return torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+        # each tensor's torch.frombuffer keeps a slice of this view alive, which holds a buffer
+        # export: mm.close() raises BufferError instead of unmapping under a live tensor.
+        return memoryview(mm)
 
     def _state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         state_dict = self._state_dicts.get(path)
@@ -126,7 +140,8 @@ class CheckpointReader:
         with self._lock:
             self._check_open()
             if path not in self._state_dicts:
-                self._state_dicts[path] = load_state_dict(path)[0]
+                expected = self.index.identities.get(path)
+                self._state_dicts[path] = load_state_dict(path, expected)[0]
             return self._state_dicts[path]
 
     def _check_open(self) -> None:
@@ -135,6 +150,25 @@ class CheckpointReader:
                 f"the reader of checkpoint '{self.index.root}' is closed; open a new "
                 "CheckpointReader."
             )
+
+
+def _open_checked(path: Path, expected: FileIdentity | None) -> int:
+    """A descriptor of safetensors ``path``, refused if the file is no longer ``expected``
+    (stat, then header). An index built by hand records no identities (e.g. of offload packs
+    bigload wrote a moment ago): its files are opened unchecked."""
+    if expected is None:
+        logger.debug("'%s': the index records no identity; opened without a check", path)
+        return open_regular(path)[0]
+    fd, st = open_unchanged(path, expected)
+    try:
+        check_content(path, expected, file_content_id(fd, st.st_size) or "")
+    except OSError as err:  # an I/O error while reading the header
+        os.close(fd)
+        raise os_error(path, err) from err
+    except CheckpointChangedError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _close_quietly(path: Path, mm: mmap.mmap) -> None:

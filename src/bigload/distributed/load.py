@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -23,7 +22,7 @@ from ..plan.types import tier_key
 from . import transport
 from .agree import check_memory, check_same_plan, gather_facts
 from .faults import failing_together
-from .group import Group, join
+from .group import Group, join, local_ranks
 from .units import attach
 
 logger = logging.getLogger(__name__)
@@ -43,25 +42,20 @@ def across_ranks(options: Any) -> Iterator[Any]:
         transport.all_gather_object(group, "loaded")  # every rank is ready, or every rank fails
 
 
-def plan_stage(group: Group, model: nn.Module, index: CheckpointIndex, dtype: Any,
-               options: Any, *, stored: CheckpointIndex) -> DevicePlan:
-    """The plan over every rank, made and checked by each: this rank's view of it. ``index``
-    sizes the tensors; ``stored`` (the checkpoint as stored) is what the ranks compare."""
-    from .. import hf
-
-    if not isinstance(options.device_map, str) or options.device_map not in STRATEGIES:
+def plan_stage(group: Group, stored: CheckpointIndex, device_map: Any, max_memory: Any,
+               planner: Callable[[list[Budgets]], DevicePlan]) -> DevicePlan:
+    """The plan over every rank, made and checked by each: this rank's view of it.
+    ``stored`` (the checkpoint as stored) is what the ranks compare; ``planner`` plans the
+    model over every rank's budgets (``hf.plan_model`` with the load's options)."""
+    if not isinstance(device_map, str) or device_map not in STRATEGIES:
         raise DistributedError(
-            f"device_map={options.device_map!r}: across ranks bigload plans the stages itself; "
+            f"device_map={device_map!r}: across ranks bigload plans the stages itself; "
             f"use a strategy ({', '.join(STRATEGIES)}) and max_memory")
-    budgets = rank_budgets(options.max_memory, group.rank, group.world_size)
+    budgets = rank_budgets(max_memory, group.rank, group.world_size)
     facts = gather_facts(group, stored, budgets, [stored.root / "config.json"])
-    plan = hf.plan_model(
-        model, dtype=dtype, max_memory=[f.budgets for f in facts], strategy=options.device_map,
-        no_split_module_classes=options.no_split_module_classes, prefetch=options.prefetch,
-        offload_buffers=options.offload_buffers, headroom_bytes=options.headroom_bytes,
-        index=index, world=group.world_size, context_tokens=options.context_tokens)
+    plan = planner([f.budgets for f in facts])
     check_same_plan(group, plan)
-    if options.max_memory not in (None, "auto"):
+    if max_memory not in (None, "auto"):
         check_memory(group, plan, facts[group.rank].host)
     return plan.for_rank(group.rank)
 
@@ -90,8 +84,7 @@ def rank_budgets(max_memory: Any, rank: int, world: int) -> Budgets:
 
 
 def _shared_machine(limits: dict[str, int | None], sources: dict[str, str]) -> Budgets:
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    count = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local, count = local_ranks()
     kind = accelerator_type()
     kept: dict[str, int | None] = {}
     for placement, budget in limits.items():

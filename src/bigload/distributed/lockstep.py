@@ -115,8 +115,6 @@ def _on_meta(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     meta_kwargs = {k: to_meta(v) for k, v in kwargs.items()}
     if "device" in meta_kwargs:
         meta_kwargs["device"] = torch.device("meta")
-    if name in _MOVES:
-        return meta_args[:1], {}  # .cpu() of a meta tensor: the tensor itself (no copy)
     if name == "to":
         meta_args = meta_args[:1] + tuple(
             torch.device("meta") if isinstance(a, (torch.device, str)) or (
@@ -272,6 +270,8 @@ class BetweenUnits(TorchFunctionMode):
             out = func(*args, **kwargs)
             return self._tagged(func, args, kwargs, out, leaves, common)
         meta_args, meta_kwargs = _on_meta(func, args, kwargs)
+        if _name(func) in _MOVES:  # .cpu() of a value held elsewhere: its placeholder
+            return self._tag_new(meta_args[0].view_as(meta_args[0]), (), common)
         out = st.fast.__torch_function__(func, types, meta_args, meta_kwargs)  # shapes only
         if _is_inplace(func, kwargs) and args and isinstance(args[0], torch.Tensor):
             target = args[0]

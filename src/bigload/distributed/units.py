@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import DistributedError, RankFailedError, RankMismatchError
 from ..plan import DevicePlan
-from ..plan.types import EVERY_RANK
+from ..plan.placements import EVERY_RANK
 from ..slots import iter_slots, tensor_groups
 from . import transport
 from .faults import failing_together, report

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader, FileIdentity
 from ..pages import MADV_POPULATE_READ, advise
 from ..sizes import tensor_nbytes
 
@@ -32,6 +32,7 @@ class StoredTensor:
     byte_range: tuple[int, int] | None = None
     version: int = 0
     file: Path | None = None  # the file ``byte_range`` is in (disk tier)
+    identity: FileIdentity | None = None  # what that file was when it was indexed
 
     @property
     def nbytes(self) -> int:

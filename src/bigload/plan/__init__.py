@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from .budgets import CPU_FRACTION, HEADROOM_FRACTION, Budgets, read_budgets
 from .from_map import check_covers, plan_from_device_map
+from .placements import STRATEGIES, merge_prefixes, tier_key
 from .planner import plan_devices
-from .render import merge_prefixes, runs
+from .render import runs
 from .types import (
-    STRATEGIES,
     DevicePlan,
     PlannedUnit,
     default_prefetch,
     main_device_for,
-    tier_key,
 )
 
 __all__ = [

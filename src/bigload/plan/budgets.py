@@ -19,7 +19,7 @@ from ..devices import (
     parse_size,
     placement_str,
 )
-from .types import tier_key
+from .placements import tier_key
 
 CPU_FRACTION = 0.9  # of available RAM, the CPU budget when max_memory is not given
 HEADROOM_FRACTION = 0.05  # of the main accelerator's budget, kept for activations when offloading

@@ -17,7 +17,8 @@ from ..devices import DISK, DeviceLike, is_accelerator, parse_device, placement_
 from ..errors import DeviceMapError, format_problems
 from ..sizes import DtypeLike, tensor_sizes
 from ..slots import TensorSlot, iter_slots, names_something, tensor_groups
-from .types import FROM_MAP, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
+from .placements import FROM_MAP
+from .types import DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import class_names
 

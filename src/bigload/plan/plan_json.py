@@ -8,7 +8,7 @@ from typing import Any
 
 from ..devices import DISK, parse_placement, placement_str
 from ..errors import BigloadError, DeviceMapError
-from .types import EVERY_RANK, FROM_MAP, READABLE_FORMATS, STRATEGIES, PlannedUnit, RankSpec
+from .placements import EVERY_RANK, FROM_MAP, READABLE_FORMATS, STRATEGIES
 
 MAX_JSON_BYTES = 256 << 20
 _UNIT_FIELDS = {"name": str, "placement": str, "size_bytes": int, "reason": str, "whole": bool,
@@ -24,7 +24,8 @@ class _Bad(Exception):
 
 
 def parse_plan_json(text: str | bytes) -> dict[str, Any]:
-    """The keyword arguments of DevicePlan for ``text``; DeviceMapError on anything else."""
+    """The keyword arguments of DevicePlan for ``text`` (units as dicts of PlannedUnit's
+    fields, ranks as dicts of RankSpec's); DeviceMapError on anything else."""
     try:
         return _fields(_load(text))
     except _Bad as err:
@@ -63,11 +64,11 @@ def _fields(data: dict[str, Any]) -> dict[str, Any]:
     if strategy not in (*STRATEGIES, FROM_MAP):
         raise _Bad(f"'strategy' is {strategy!r}; one of {[*STRATEGIES, FROM_MAP]}")
     world = _world(data)
-    ranks = tuple(_rank_spec(r, i) for i, r in enumerate(data.get("ranks", [])))
+    ranks = tuple(_rank_spec(r, i) for i, r in enumerate(_list(data.get("ranks", []), "ranks")))
     if world > 1 and len(ranks) != world:
         raise _Bad(f"'ranks' has {len(ranks)} entries for world_size {world}")
     units = tuple(_unit(u, i) for i, u in enumerate(_get(data, "units", list)))
-    bad = [u.name for u in units if not (0 <= u.rank < world or u.rank == EVERY_RANK)]
+    bad = [u["name"] for u in units if not (0 <= u["rank"] < world or u["rank"] == EVERY_RANK)]
     if bad:
         raise _Bad(f"unit {bad[0]!r} names a rank outside world_size {world}")
     rank = data.get("rank", 0)
@@ -115,23 +116,29 @@ def _world(data: dict[str, Any]) -> int:
     return world
 
 
-def _rank_spec(raw: Any, i: int) -> RankSpec:
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        raise _Bad(f"{where!r} is a {type(value).__name__}, expected list")
+    return value
+
+
+def _rank_spec(raw: Any, i: int) -> dict[str, Any]:
     if not isinstance(raw, dict) or set(raw) != set(_RANK_FIELDS):
         raise _Bad(f"ranks[{i}] is not an object with fields {sorted(_RANK_FIELDS)}")
     for key, kind in _RANK_FIELDS.items():
         if not _is(raw[key], kind):
             raise _Bad(f"ranks[{i}].{key} is {raw[key]!r}")
-    return RankSpec(
-        main_device=_device(raw["main_device"]),
-        budgets={_placement(k, f"ranks[{i}].budgets"): _size(v, f"ranks[{i}].budgets[{k!r}]")
-                 for k, v in raw["budgets"].items()},
-        budget_sources={_placement(k, f"ranks[{i}].budget_sources"): _text(v, "budget_sources")
-                        for k, v in raw["budget_sources"].items()},
-        reserve_bytes=_size(raw["reserve_bytes"], f"ranks[{i}].reserve_bytes"),
-        prefetch=_size(raw["prefetch"], f"ranks[{i}].prefetch"))
+    return {
+        "main_device": _device(raw["main_device"]),
+        "budgets": {_placement(k, f"ranks[{i}].budgets"): _size(v, f"ranks[{i}].budgets[{k!r}]")
+                    for k, v in raw["budgets"].items()},
+        "budget_sources": {_placement(k, f"ranks[{i}].budget_sources"): _text(v, "budget_sources")
+                           for k, v in raw["budget_sources"].items()},
+        "reserve_bytes": _size(raw["reserve_bytes"], f"ranks[{i}].reserve_bytes"),
+        "prefetch": _size(raw["prefetch"], f"ranks[{i}].prefetch")}
 
 
-def _unit(raw: Any, i: int) -> PlannedUnit:
+def _unit(raw: Any, i: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Bad(f"units[{i}] is a {type(raw).__name__}, not an object")
     raw = {**_OPTIONAL_UNIT_FIELDS, **raw}
@@ -142,7 +149,7 @@ def _unit(raw: Any, i: int) -> PlannedUnit:
             raise _Bad(f"units[{i}].{key} is {raw[key]!r}")
     _size(raw["size_bytes"], f"units[{i}].size_bytes")
     _size(raw["extra_bytes"], f"units[{i}].extra_bytes")
-    return PlannedUnit(**{**raw, "placement": _placement(raw["placement"], f"units[{i}]")})
+    return {**raw, "placement": _placement(raw["placement"], f"units[{i}]")}
 
 
 def _placement(value: Any, where: str) -> str:

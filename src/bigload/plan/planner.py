@@ -4,24 +4,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
 from ..devices import DeviceLike, format_size
-from ..errors import DeviceMapError
+from ..errors import DeviceMapError, DoesNotFitError
 from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
+from .placements import STRATEGIES
 from .ranks import RankOptions, plan_ranks
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
-from .types import STRATEGIES, DevicePlan, PlannedUnit, check_prefetch, default_prefetch
+from .types import DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
-from .units import UnitSpec, class_names, no_split_rule, plan_units
+from .units import NoSplitRule, UnitSpec, class_names, no_split_rule, plan_units
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 MaxMemory = Mapping[DeviceLike, int | float | str]
+Adjust = Callable[[list[UnitSpec]], list[UnitSpec]]
 
 
 def plan_devices(
@@ -92,16 +95,17 @@ def plan_devices(
                                                      "preload_module_classes"),
                           rule.fqns, rule.container)
     units = plan_units(model, entries, rule)
-
-    def place(stage: list[UnitSpec], budgets: Budgets, targets: Mapping[str, int], main: str,
-              reserve_rule: ReserveRule, adjust: Callable[[list[UnitSpec]], list[UnitSpec]],
-              ) -> tuple[list[UnitSpec], Placed, int, tuple[str, ...]]:
-        return place_stage(model, entries, rule, stage, budgets, targets, main, reserve_rule,
-                           adjust)
-
     if world > 1:
         if preload_module_classes:
             raise DeviceMapError("preload_module_classes is not supported over several ranks")
+
+        def place(stage: list[UnitSpec], budgets: Budgets, targets: Mapping[str, int],
+                  main: str, reserve_rule: ReserveRule, adjust: Adjust,
+                  ) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
+            names = frozenset(u.name for u in stage)
+            return _Placing(model, entries, rule, budgets, targets, main, names, adjust).run(
+                reserve_rule)
+
         return plan_ranks(units, per_rank, place, extra_bytes=extra_bytes, tie_groups=tuple(
             tie_groups(model)), notes=notes, options=RankOptions(
                 strategy, headroom_bytes, prefetch, offload_buffers))
@@ -110,11 +114,17 @@ def plan_devices(
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    reserve_rule = ReserveRule(room, offload_buffers, 1 + depth)
-    units, placed, reserve, streamed = place(units, budgets, targets, main, reserve_rule,
-                                             lambda us: us)
-    notes += streamed
-    notes += (f"headroom for activations on {main} when offloading: {format_size(room)}",)
+    placing = _Placing(model, entries, rule, budgets, targets, main)
+    try:
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1 + depth))
+    except DoesNotFitError:
+        if prefetch is not None or depth == 0:
+            raise
+        depth = 0  # the default read-ahead gives way where the room holds one unit at a time
+        units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1))
+        said += (f"nothing is read ahead: the room on {main} holds one offloaded unit at a time",)
+    reserve = ReserveRule(room, offload_buffers, 1 + depth).need(offloaded(units, placed, main))
+    notes += said + (f"headroom for activations on {main} when offloading: {format_size(room)}",)
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
         reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
@@ -124,30 +134,39 @@ def plan_devices(
     )
 
 
-def place_stage(
-    model: nn.Module, entries: Any, rule: Any, units: list[UnitSpec], budgets: Budgets,
-    targets: Mapping[str, int], main: str, reserve_rule: ReserveRule,
-    adjust: Callable[[list[UnitSpec]], list[UnitSpec]],
-) -> tuple[list[UnitSpec], Placed, int, tuple[str, ...]]:
-    """``units`` (all of a model, or one rank's stage) on ``budgets``: assigned, offloaded ones
-    too big for the main device streamed in pieces, the budget filled. ``adjust`` sizes the
-    units as their rank counts them (a stage's extras). Returns the units (pieces where they
-    stream), their placements, the main device's reserve and a note."""
-    units = adjust(units)
-    notes: tuple[str, ...] = ()
-    placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-    streamed = _to_stream(model, units, placed, budgets.limits.get(main), main, reserve_rule)
-    if streamed:
-        names = {u.name for u in units}
-        units = adjust([u for u in plan_units(model, entries, rule, split=streamed)
-                        if (u.piece_of or u.name) in names])
-        placed, reserve = solve(units, budgets, targets, main, reserve_rule)
-        notes += (f"streamed in pieces (too big for the room on {main}): "
-                  + ", ".join(sorted(repr(n) for n in streamed)),)
-    check_main_device(units, placed, budgets.limits.get(main), main, reserve_rule)
-    placed = fill(units, placed, budgets, targets, main, reserve_rule)
-    reserve = max(reserve_rule.need(offloaded(units, placed, main)), 0)
-    return units, placed, reserve, notes
+@dataclass(frozen=True)
+class _Placing:
+    """Units onto tiers for one reserve rule: in order, then the units too big for the room on
+    the main device streamed in pieces, then room left filled from disk."""
+
+    model: nn.Module
+    entries: list
+    rule: NoSplitRule
+    budgets: Budgets
+    targets: Mapping[str, int]
+    main: str
+    only: frozenset[str] | None = None  # one rank's stage: the names of its units
+    adjust: Adjust | None = None  # the units as that rank counts them (extras, duplicates)
+
+    def units(self, split: frozenset[str] = frozenset()) -> list[UnitSpec]:
+        units = plan_units(self.model, self.entries, self.rule, split=split)
+        if self.only is not None:
+            units = [u for u in units if (u.piece_of or u.name) in self.only]
+        return self.adjust(units) if self.adjust is not None else units
+
+    def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
+        budget, said = self.budgets.limits.get(self.main), ()
+        units = self.units()
+        placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+        streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
+        if streamed:
+            units = self.units(split=streamed)
+            placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
+            said = (f"streamed in pieces (too big for the room on {self.main}): "
+                    + ", ".join(sorted(repr(n) for n in streamed)),)
+        check_main_device(units, placed, budget, self.main, reserve_rule)
+        return units, fill(units, placed, self.budgets, self.targets, self.main,
+                           reserve_rule), said
 
 
 def _per_rank(max_memory: Any, world: int) -> list[Budgets]:

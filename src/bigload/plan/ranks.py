@@ -10,15 +10,9 @@ from dataclasses import dataclass, replace
 from ..devices import DISK, format_size
 from ..errors import DeviceMapError, DoesNotFitError
 from .budgets import Budgets, balanced_targets, headroom
+from .placements import EVERY_RANK
 from .solve import Placed, ReserveRule, is_offload
-from .types import (
-    EVERY_RANK,
-    DevicePlan,
-    PlannedUnit,
-    RankSpec,
-    check_prefetch,
-    default_prefetch,
-)
+from .types import DevicePlan, PlannedUnit, RankSpec, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import UnitSpec
 
@@ -37,7 +31,7 @@ class RankOptions:
 
 Adjust = Callable[[list[UnitSpec]], list[UnitSpec]]
 Place = Callable[[list[UnitSpec], Budgets, Mapping[str, int], str, ReserveRule, Adjust],
-                 tuple[list[UnitSpec], Placed, int, tuple[str, ...]]]
+                 tuple[list[UnitSpec], Placed, tuple[str, ...]]]
 
 
 def plan_ranks(
@@ -256,15 +250,23 @@ def _plan_rank(
     targets = balanced_targets(options.strategy, budgets, [u.size_bytes for u in sized],
                                largest_whole)
     try:
-        stage, placed, reserve, _notes = place(
-            mine, budgets, targets, main, ReserveRule(room, options.offload_buffers, 1 + depth),
-            adjust)
+        try:
+            stage, placed, _ = place(mine, budgets, targets, main,
+                                     ReserveRule(room, options.offload_buffers, 1 + depth), adjust)
+        except DoesNotFitError:
+            if options.prefetch is not None or depth == 0:
+                raise
+            depth = 0  # as one rank: the read-ahead gives way where the room holds one unit
+            stage, placed, _ = place(mine, budgets, targets, main,
+                                     ReserveRule(room, options.offload_buffers, 1), adjust)
     except DoesNotFitError as err:
         raise DoesNotFitError(f"rank {rank}: {err}") from None
+    reserve = ReserveRule(room, options.offload_buffers, 1 + depth).need(
+        [u for u, (p, _) in zip(stage, placed) if is_offload(p, main)])
     planned = [_planned_unit(u, p, rank, counted[u.name], rank_of)
                for u, p in zip(stage, placed)]
     buffers = {} if options.offload_buffers else _resident(stage, placed, main)
-    return replace(spec, reserve_bytes=reserve), planned, buffers
+    return replace(spec, reserve_bytes=reserve, prefetch=depth), planned, buffers
 
 
 def _planned_unit(unit: UnitSpec, placed: tuple[str, str], rank: int,

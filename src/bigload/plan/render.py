@@ -1,19 +1,18 @@
-"""A plan as people read it (a table of runs, devices, the disk tier and the decisions) and as
-accelerate-style maps show it (prefixes merged where a module sits on one device)."""
+"""A plan as people read it: its budgets and where each came from, a table of devices in aligned
+columns, the disk tier and the decisions. ``table`` is the one table style of plans and load
+reports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ..devices import DISK, format_size
 from ..errors import format_problems
-from .types import EVERY_RANK, PlannedUnit, tier_key
+from .placements import EVERY_RANK, tier_key
 
 if TYPE_CHECKING:
-    from .types import DevicePlan
-
-V = TypeVar("V")
+    from .types import DevicePlan, PlannedUnit
 
 
 def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
@@ -28,58 +27,92 @@ def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
     return result
 
 
-def render(plan: DevicePlan) -> Iterator[str]:
+def render(plan: DevicePlan, *, details: bool = True) -> Iterator[str]:
+    """The plan as text: a header with the budgets and where each came from, one row per device
+    (aligned columns), then with ``details`` the disk tier, the decisions and the notes. A plan
+    over several ranks has a row per rank and device."""
     if plan.world_size > 1:
-        yield from _render_world(plan)
+        yield from _render_world(plan, details=details)
         return
+    sized = [u for u in plan.units if u.size_bytes]
     yield (
-        f"DevicePlan: {len(plan.units)} units, strategy {plan.strategy}, main execution device "
-        f"{plan.main_device}, reserve {format_size(plan.reserve_bytes)}, prefetch "
+        f"DevicePlan: {_plural(len(plan.units), 'unit')}, strategy {plan.strategy}, main "
+        f"execution device {plan.main_device}, reserve {format_size(plan.reserve_bytes)}, prefetch "
         f"{plan.prefetch}"
     )
-    yield from _render_runs(plan)
-    yield from _render_devices(plan)
-    yield from _render_disk(plan)
-    yield from _render_decisions(plan)
-    yield from (f"note: {note}" for note in plan.notes)
-
-
-def _render_runs(plan: DevicePlan) -> Iterator[str]:
+    yield f"budgets: {budgets_text(plan)}"
     yield ""
-    yield "| device | units | from | to | bytes |"
-    yield "|---|---:|---|---|---:|"
-    for run in runs(plan.units):
+    yield from _render_devices(plan, sized)
+    empty = [u for u in plan.units if not u.size_bytes]
+    if empty:
+        names = [f"{u.name or '<whole model>'}" + (f" (tied to {u.tied_to!r})" if u.tied_to else "")
+                 for u in empty]
+        shown = ", ".join(names[:5]) + (f" … and {len(names) - 5} more" if len(names) > 5 else "")
+        yield f"without bytes of their own (not counted above): {shown}"
+    if details:
+        yield from _render_disk(sized)
+        yield from _render_decisions(plan)
+        yield from (f"note: {note}" for note in plan.notes)
+
+
+def budgets_text(plan: DevicePlan) -> str:
+    """``cpu 8.0 GiB (given), disk unbounded``: each budget and where it came from."""
+    parts = []
+    for placement in sorted({*plan.budgets, *plan.budget_sources}, key=tier_key):
+        budget = plan.budgets.get(placement)
+        source = plan.budget_sources.get(placement)
+        value = "unbounded" if budget is None else format_size(budget)
+        parts.append(f"{placement} {value}" + (f" ({source})" if source and
+                                                source != "unbounded" else ""))
+    return ", ".join(parts) or "none"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], *,
+          right: Collection[int] = ()) -> list[str]:
+    """Aligned columns (``right``: the indices of right-aligned columns), the last one unpadded:
+    the one table style of plans and reports."""
+    rows = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _render_devices(plan: DevicePlan, sized: list[PlannedUnit]) -> list[str]:
+    held: dict[str, list[str]] = {}
+    for run in runs(sized):
         first, last = (u.name or "<whole model>" for u in (run[0], run[-1]))
-        size = format_size(sum(u.size_bytes for u in run))
-        yield f"| {run[0].placement} | {len(run)} | {first} | {last} | {size} |"
-
-
-def _render_devices(plan: DevicePlan) -> Iterator[str]:
+        span = first if len(run) == 1 else f"{first} … {last}"
+        held.setdefault(run[0].placement, []).append(span)
+    counts = {p: sum(1 for u in sized if u.placement == p) for p in held}
     used = plan.bytes_per_device
-    yield ""
-    yield "| device | planned | reserve | budget | budget from |"
-    yield "|---|---:|---:|---:|---|"
-    for placement in sorted({*used, *plan.budgets}, key=tier_key):
+    rows = []
+    for placement in sorted({*held, *plan.budgets}, key=tier_key):
         budget = plan.budgets.get(placement)
         reserve = plan.reserve_bytes if placement == plan.main_device else 0
-        shown = "unbounded" if budget is None else format_size(budget)
-        source = plan.budget_sources.get(placement, "")
-        planned = format_size(used.get(placement, 0))
-        yield f"| {placement} | {planned} | {format_size(reserve)} | {shown} | {source} |"
+        rows.append([placement, str(counts.get(placement, 0)), format_size(used.get(placement, 0)),
+                     format_size(reserve), "unbounded" if budget is None else format_size(budget),
+                     ", ".join(held.get(placement, ["-"]))])
+    return table(["device", "units", "planned", "reserve", "budget", "holds"], rows,
+                 right={1, 2, 3, 4})
 
 
-def _render_disk(plan: DevicePlan) -> Iterator[str]:
-    on_disk = [u for u in plan.local_units if u.placement == DISK and u.size_bytes]
+def _render_disk(sized: list[PlannedUnit]) -> Iterator[str]:
+    on_disk = [u for u in sized if u.placement == DISK]
     if on_disk:
         yield ""
-        yield f"to disk: {len(on_disk)} units, {format_size(sum(u.size_bytes for u in on_disk))}"
-        yield format_problems(
-            [f"{u.name or '<whole model>'}  {format_size(u.size_bytes)}" for u in on_disk]
-        )
+        total = format_size(sum(u.size_bytes for u in on_disk))
+        yield f"to disk: {_plural(len(on_disk), 'unit')}, {total}"
+        rows = table(["", ""], [[u.name or "<whole model>", format_size(u.size_bytes)]
+                                for u in on_disk], right={1})[1:]
+        yield format_problems(rows)
 
 
 def _render_decisions(plan: DevicePlan) -> Iterator[str]:
-    starts = [run[0] for run in runs(plan.units)]
+    starts = [run[0] for run in runs(u for u in plan.units if u.size_bytes)]
     ties = [u for u in plan.units if u.tied_to is not None and u not in starts]
     yield ""
     yield "decisions:"
@@ -90,72 +123,56 @@ def _render_decisions(plan: DevicePlan) -> Iterator[str]:
 
 
 # --- several ranks -----------------------------------------------------------------------------
-def _render_world(plan: DevicePlan) -> Iterator[str]:
-    yield (
-        f"DevicePlan: {len(plan.units)} units over {plan.world_size} ranks, strategy "
-        f"{plan.strategy}"
-    )
+def _render_world(plan: DevicePlan, *, details: bool) -> Iterator[str]:
+    yield (f"DevicePlan: {_plural(len(plan.units), 'unit')} over {plan.world_size} ranks, "
+           f"strategy {plan.strategy}")
+    views = [plan.for_rank(r) for r in range(plan.world_size)]
+    for view in views:
+        yield (f"rank {view.rank}: main device {view.main_device}, reserve "
+               f"{format_size(view.reserve_bytes)}, prefetch {view.prefetch}; budgets "
+               f"{budgets_text(view)}")
     yield ""
-    yield "| rank | device | units | from | to | bytes | besides weights |"
-    yield "|---:|---|---:|---|---|---:|---:|"
-    for run in runs(plan.units):
-        first, last = (u.name or "<whole model>" for u in (run[0], run[-1]))
-        size = format_size(sum(u.size_bytes for u in run))
-        extra = format_size(sum(u.extra_bytes for u in run))
-        yield (f"| {_rank(run[0].rank)} | {run[0].placement} | {len(run)} | {first} | {last} "
-               f"| {size} "
-               f"| {extra} |")
-    yield ""
-    yield "| rank | device | planned | reserve | budget | budget from |"
-    yield "|---:|---|---:|---:|---:|---|"
-    for r in range(plan.world_size):
-        yield from _rank_devices(plan.for_rank(r))
-    for r in range(plan.world_size):
-        view = plan.for_rank(r)
-        yield from (f"rank {r} {line.lstrip()}" for line in _render_disk(view) if line)
-    yield from _render_decisions(plan)
-    yield from (f"note: {note}" for note in plan.notes)
+    rows = []
+    for view in views:
+        rows += _rank_rows(view, view.rank)
+    rows += _rank_rows(views[0], EVERY_RANK)  # on every rank: once
+    yield from table(["rank", "device", "units", "planned", "besides", "reserve", "budget",
+                      "holds"], rows, right={2, 3, 4, 5, 6})
+    if details:
+        for view in views:
+            for line in _render_disk([u for u in view.local_units
+                                      if u.size_bytes and u.rank == view.rank]):
+                yield f"rank {view.rank} {line}" if line.startswith("to disk") else line
+        yield from _render_decisions(plan)
+        yield from (f"note: {note}" for note in plan.notes)
+
+
+def _rank_rows(view: DevicePlan, rank: int) -> list[list[str]]:
+    """One row per device of ``view``'s rank holding units of ``rank`` (its own, or those on
+    every rank)."""
+    by_place: dict[str, list[PlannedUnit]] = {}
+    for unit in view.local_units:
+        if unit.rank == rank:
+            by_place.setdefault(unit.placement, []).append(unit)
+    own = rank == view.rank
+    rows = []
+    for placement in sorted({*by_place, *(view.budgets if own else ())}, key=tier_key):
+        mine = by_place.get(placement, [])
+        spans = [r[0].name if len(r) == 1 else f"{r[0].name} … {r[-1].name}"
+                 for r in runs(mine)] or ["-"]
+        budget = view.budgets.get(placement)
+        reserve = view.reserve_bytes if placement == view.main_device and own else 0
+        rows.append([_rank(rank), placement, str(len(mine)),
+                     format_size(sum(u.size_bytes for u in mine)),
+                     format_size(sum(u.extra_bytes for u in mine)), format_size(reserve),
+                     "-" if not own else "unbounded" if budget is None else format_size(budget),
+                     ", ".join(spans)])
+    return rows
 
 
 def _rank(rank: int) -> str:
     return "all" if rank == EVERY_RANK else str(rank)
 
 
-def _rank_devices(view: DevicePlan) -> Iterator[str]:
-    used: dict[str, int] = {}
-    for unit in view.local_units:
-        used[unit.placement] = used.get(unit.placement, 0) + unit.size_bytes + unit.extra_bytes
-    for placement in sorted({*used, *view.budgets}, key=tier_key):
-        budget = view.budgets.get(placement)
-        reserve = view.reserve_bytes if placement == view.main_device else 0
-        shown = "unbounded" if budget is None else format_size(budget)
-        source = view.budget_sources.get(placement, "")
-        yield (f"| {view.rank} | {placement} | {format_size(used.get(placement, 0))} | "
-               f"{format_size(reserve)} | {shown} | {source} |")
-
-
-def merge_prefixes(mapping: Mapping[str, V], module_name: str = "") -> dict[str, V]:
-    """``mapping`` (fqn prefix → value) with the keys under each module that all hold one value
-    merged into the module's key; the order of first appearance is kept."""
-    prefix = f"{module_name}." if module_name else ""
-    inside = [(k, v) for k, v in mapping.items() if k == module_name or k.startswith(prefix)]
-    merged = iter(_merge(inside, module_name))
-    rebuilt: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if key == module_name or key.startswith(prefix):
-            rebuilt.update(merged)
-        else:
-            rebuilt[key] = value
-    return rebuilt
-
-
-def _merge(items: list[tuple[str, Any]], name: str) -> list[tuple[str, Any]]:
-    if len(items) <= 1:
-        return items
-    if all(value == items[0][1] for _, value in items):
-        return [(name, items[0][1])]
-    depth = name.count(".") + 1 if name else 0
-    groups: dict[str, list[tuple[str, Any]]] = {}
-    for key, value in items:
-        groups.setdefault(".".join(key.split(".")[: depth + 1]), []).append((key, value))
-    return [pair for child, group in groups.items() for pair in _merge(group, child)]
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -12,9 +12,9 @@ from torch import nn
 from ..devicemap import covering_entry
 from ..devices import is_accelerator, parse_device, placement_str
 from ..errors import DispatchError
-from ..loader import refuse_meta
 from ..offload import OffloadStore
 from ..offload.stream import Streamer, layout
+from ..place import refuse_meta
 from ..plan import DevicePlan
 from ..slots import TensorSlot, iter_slots
 from .hooks import (

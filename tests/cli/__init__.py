@@ -1,0 +1,1 @@
+"""Tests of the ``bigload`` command (src/bigload/cli)."""
