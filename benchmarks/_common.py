@@ -67,8 +67,15 @@ def checkpoint_key(shape: LlamaShape, shard: str) -> str:
 
 def make_checkpoint(size: str, *, shard: str = "500MB", log=print) -> Path:
     """Return a cached folder with a random-weight Llama checkpoint (bf16, sharded safetensors)."""
-    shape = SIZES[size]
-    folder = WORK_DIR / "ckpt" / f"llama-{size}-{checkpoint_key(shape, shard)}"
+    return make_llama_checkpoint(SIZES[size], size, shard=shard, log=log)
+
+
+def make_llama_checkpoint(
+    shape: LlamaShape, label: str, *, shard: str = "500MB", log=print
+) -> Path:
+    """A cached random-weight Llama checkpoint of ``shape`` (bf16, sharded safetensors), in
+    ``_work/ckpt/llama-<label>-<hash of the shape>``."""
+    folder = WORK_DIR / "ckpt" / f"llama-{label}-{checkpoint_key(shape, shard)}"
     if (folder / "config.json").is_file():
         return folder
     import torch

@@ -85,7 +85,8 @@ def load_bigload(folder, placement, budget, offload_dir):
     kwargs = {"dtype": torch.bfloat16} if _accepts(bigload.load, "dtype") else {}
     if placement in ("cpu", "cuda"):
         return bigload.load(str(folder), device_map=placement, **kwargs)
-    # prefetch: left to bigload's default, or BIGLOAD_PREFETCH=0 from the runner (noprefetch rows)
+    if os.environ.get("BENCH_PREFETCH"):  # the runner's prefetch rows; else bigload's default
+        kwargs["prefetch"] = int(os.environ["BENCH_PREFETCH"])
     if placement == "half_gpu":
         return bigload.load(str(folder), max_memory={0: budget, "cpu": BIG}, **kwargs)
     return bigload.load(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bigload.plan import infer_auto_device_map, plan_devices
+from bigload import infer_auto_device_map, plan_devices
 
 
 class Block(nn.Module):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, Union
 
 import torch
 
 from .errors import DeviceError, DtypeError, SizeError
+from .memory import AvailableMemory, available_memory
 
 DISK: Literal["disk"] = "disk"
 Placement = Union[torch.device, Literal["disk"]]
@@ -282,20 +284,41 @@ def parse_max_memory_text(text: str) -> dict[Placement, int]:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of a device now: accelerator free memory, or available RAM for the CPU."""
-    if device.type == "cpu":
-        import psutil
+    """Free memory of a device now, in bytes (see :func:`free_memory`)."""
+    return free_memory(device).size_bytes
 
-        return int(psutil.virtual_memory().available)
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """Bytes a device has free for this process now, and where the figure comes from."""
+
+    size_bytes: int
+    source: str
+
+
+def free_memory(device: torch.device) -> FreeMemory:
+    """What torch reports for an accelerator; for the CPU (and MPS, which shares it) the smaller
+    of the host's available RAM and the free memory under this process's memory cgroup limits
+    (``bigload.memory``)."""
+    if device.type in ("cpu", "mps"):
+        found = available_memory()
+        return FreeMemory(found.size_bytes, memory_source(found))
     module = getattr(torch, device.type, None)
-    if device.type == "cuda" or hasattr(module, "mem_get_info"):
+    if hasattr(module, "mem_get_info"):
         free, _total = module.mem_get_info(device)
-        return int(free)
-    if device.type == "mps":
-        import psutil
-
-        return int(psutil.virtual_memory().available)
+        return FreeMemory(int(free), f"free memory of {device}")
     raise DeviceError(f"cannot ask {device} for its free memory")
+
+
+def memory_source(found: AvailableMemory) -> str:
+    """'available RAM (21.3 GiB)', or '2.1 GiB free under the cgroup limit 3.0 GiB (memory.max
+    of /sys/fs/cgroup/job)'."""
+    limit = found.limit
+    if limit is None:
+        return f"available RAM ({format_size(found.size_bytes)})"
+    folder, _, name = limit.limit_file.rpartition("/")
+    return (f"{format_size(limit.free_bytes)} free under the cgroup limit "
+            f"{format_size(limit.limit_bytes)} ({name} of {folder})")
 
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",

@@ -4,7 +4,7 @@ the one rule that groups slots by tensor identity (a tie is one tensor under sev
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ from torch import nn
 from .errors import UnknownTensorError
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where a tensor lives: ``owner._parameters[leaf]`` or ``owner._buffers[leaf]``."""
+class TensorSlot(NamedTuple):
+    """Where a tensor lives: ``owner._parameters[leaf]`` or ``owner._buffers[leaf]``. (A named
+    tuple: models have tens of thousands of slots, and planning walks them all.)"""
 
     fqn: str
     owner: nn.Module
@@ -50,7 +50,12 @@ def tensor_groups(slots: Iterable[TensorSlot]) -> list[list[TensorSlot]]:
     every name it goes by (a group of several is a tie)."""
     groups: dict[int, list[TensorSlot]] = {}
     for slot in slots:
-        groups.setdefault(id(slot.tensor), []).append(slot)
+        key = id(slot.tensor)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [slot]
+        else:
+            group.append(slot)
     return list(groups.values())
 
 

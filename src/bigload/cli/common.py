@@ -180,8 +180,8 @@ def add_planning(parser: argparse.ArgumentParser) -> None:
         "--max-memory", type=max_memory, metavar="KEY=SIZE,...", action="append",
         help="budgets per device: 0=20GiB,cpu=8GiB,disk=100GiB (keys: accelerator index, cuda:1, "
              "cpu, mps, disk; sizes in B, KB, MB, GB, KiB, MiB, GiB, ...). Default: free "
-             "accelerator memory, 90%% of available RAM, unbounded disk. With --world, once "
-             "for every rank or once per rank, in rank order")
+             "accelerator memory, 90%% of available RAM (less under a memory cgroup limit), "
+             "unbounded disk. With --world, once for every rank or once per rank, in rank order")
     parser.add_argument("--dtype", type=dtype_name, default=None, metavar="DTYPE",
                         help=f"{' | '.join(DTYPES)} (default: auto = the config's dtype, else "
                              "the checkpoint's)")

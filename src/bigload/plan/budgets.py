@@ -13,8 +13,7 @@ from ..devices import (
     DeviceLike,
     accelerator_count,
     accelerator_type,
-    format_size,
-    free_memory_bytes,
+    free_memory,
     parse_max_memory,
     parse_size,
     placement_str,
@@ -52,18 +51,19 @@ def read_budgets(max_memory: Mapping[DeviceLike, int | float | str] | None) -> B
 
 
 def detected_budgets(cpu_fraction: float) -> tuple[dict[str, int | None], dict[str, str]]:
-    """Free memory of each accelerator and ``cpu_fraction`` of the available RAM."""
+    """Free memory of each accelerator and ``cpu_fraction`` of the memory this process may still
+    take (available RAM, or less under a memory cgroup limit: ``bigload.memory``)."""
     kind = accelerator_type()
     limits: dict[str, int | None] = {}
     sources: dict[str, str] = {}
     for i in range(accelerator_count() if kind else 0):
         device = torch.device(kind, i)  # type: ignore[arg-type]
-        limits[str(device)] = free_memory_bytes(device)
-        sources[str(device)] = "free memory"
+        free = free_memory(device)
+        limits[str(device)], sources[str(device)] = free.size_bytes, free.source
     if kind != "mps":  # MPS shares host RAM: a separate CPU budget would count it twice
-        available = free_memory_bytes(torch.device("cpu"))
-        limits["cpu"] = int(cpu_fraction * available)
-        sources["cpu"] = f"{cpu_fraction:.0%} of available RAM ({format_size(available)})"
+        available = free_memory(torch.device("cpu"))
+        limits["cpu"] = int(cpu_fraction * available.size_bytes)
+        sources["cpu"] = f"{cpu_fraction:.0%} of {available.source}"
     return limits, sources
 
 

@@ -13,7 +13,6 @@ from ..devices import DeviceLike, format_size
 from ..errors import DeviceMapError, DoesNotFitError
 from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
-from ..ties import tie_groups
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
 from .placements import STRATEGIES
 from .ranks import RankOptions, plan_ranks
@@ -103,18 +102,18 @@ def plan_devices(
                   main: str, reserve_rule: ReserveRule, adjust: Adjust,
                   ) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
             names = frozenset(u.name for u in stage)
-            return _Placing(model, entries, rule, budgets, targets, main, names, adjust).run(
-                reserve_rule)
+            return _Placing(model, entries, rule, budgets, targets, main, adjust(stage), names,
+                            adjust).run(reserve_rule)
 
         return plan_ranks(units, per_rank, place, extra_bytes=extra_bytes, tie_groups=tuple(
-            tie_groups(model)), notes=notes, options=RankOptions(
+            e.fqns for e in entries if len(e.fqns) > 1), notes=notes, options=RankOptions(
                 strategy, headroom_bytes, prefetch, offload_buffers))
     main = choose_main(budgets.accelerators())
     room = headroom(headroom_bytes, budgets, main)
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
     largest_whole = max((u.size_bytes for u in units if u.whole), default=0)
     targets = balanced_targets(strategy, budgets, [u.size_bytes for u in units], largest_whole)
-    placing = _Placing(model, entries, rule, budgets, targets, main)
+    placing = _Placing(model, entries, rule, budgets, targets, main, units)
     try:
         units, placed, said = placing.run(ReserveRule(room, offload_buffers, 1 + depth))
     except DoesNotFitError:
@@ -128,7 +127,7 @@ def plan_devices(
     return DevicePlan(
         units=_planned(units, placed, main), budgets=_bounded(budgets), main_device=main,
         reserve_bytes=reserve, strategy=strategy, offload_buffers=offload_buffers,
-        prefetch=depth, tie_groups=tuple(tie_groups(model)),
+        prefetch=depth, tie_groups=tuple(e.fqns for e in entries if len(e.fqns) > 1),
         tensor_placements={} if offload_buffers else resident_buffers(units, placed, main),
         budget_sources=dict(budgets.sources), notes=notes,
     )
@@ -145,22 +144,22 @@ class _Placing:
     budgets: Budgets
     targets: Mapping[str, int]
     main: str
+    whole: list[UnitSpec]  # the units before any streams in pieces
     only: frozenset[str] | None = None  # one rank's stage: the names of its units
     adjust: Adjust | None = None  # the units as that rank counts them (extras, duplicates)
 
-    def units(self, split: frozenset[str] = frozenset()) -> list[UnitSpec]:
-        units = plan_units(self.model, self.entries, self.rule, split=split)
+    def pieces(self, streamed: frozenset[str]) -> list[UnitSpec]:
+        units = plan_units(self.model, self.entries, self.rule, split=streamed)
         if self.only is not None:
             units = [u for u in units if (u.piece_of or u.name) in self.only]
         return self.adjust(units) if self.adjust is not None else units
 
     def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
-        budget, said = self.budgets.limits.get(self.main), ()
-        units = self.units()
+        budget, said, units = self.budgets.limits.get(self.main), (), self.whole
         placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
         streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
         if streamed:
-            units = self.units(split=streamed)
+            units = self.pieces(streamed)
             placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
             said = (f"streamed in pieces (too big for the room on {self.main}): "
                     + ", ".join(sorted(repr(n) for n in streamed)),)
