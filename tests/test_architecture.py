@@ -11,7 +11,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bigload"
 MAX_LINES = 420
-ENVIRONMENT_READERS = {"hub.py"}  # huggingface_hub's own settings (HF_HUB_OFFLINE, HF_ENDPOINT)
+# huggingface_hub's own settings (HF_HUB_OFFLINE, HF_ENDPOINT); torchrun's (RANK, LOCAL_RANK...)
+ENVIRONMENT_READERS = {"hub.py", "group.py"}
 
 
 def modules() -> dict[str, Path]:

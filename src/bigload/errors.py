@@ -152,3 +152,30 @@ class RemoteCodeError(ModelResolveError):
 class HubError(ModelResolveError):
     """A model id cannot be fetched from the Hugging Face Hub: no such repository or revision,
     no access, or offline and not in the local cache."""
+
+
+# --- several ranks (torch.distributed) ---------------------------------------------------------
+class DistributedError(BigloadError, RuntimeError):
+    """A multi-rank load or call cannot go on: the process group, the ranks' agreement, or a
+    value the ranks exchange."""
+
+
+class RankMismatchError(DistributedError):
+    """The ranks were launched differently: another checkpoint, other versions, another plan,
+    or other inputs to the same call. Raised on every rank, before any weight is read (or
+    before the call runs)."""
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()):
+        super().__init__(message)
+        self.ranks = list(ranks)
+
+
+class RankFailedError(DistributedError):
+    """Another rank raised, died or stopped answering; ``rank`` is that rank and ``message``
+    its error (or what is known of its end). Every surviving rank raises it."""
+
+    def __init__(self, rank: int | None, message: str):
+        who = f"rank {rank}" if rank is not None else "another rank"
+        super().__init__(f"{who} failed: {message}")
+        self.rank = rank
+        self.message = message

@@ -195,6 +195,8 @@ def _jobs(
         if plan.unit_of(tensor.fqn) is None:
             uncovered.append(repr(tensor.fqn))
             continue
+        if not plan.holds(tensor.fqn):  # another rank's: it stays on meta here, on purpose
+            continue
         jobs.append(Job(tensor, key_for.get(tensor.fqn), plan.placement_of(tensor.fqn),
                         _target_dtype(tensor, dtype, keep_fp32), tensor.fqn in kept))
     if uncovered:

@@ -63,7 +63,8 @@ def refuse_meta(model: nn.Module, plan: DevicePlan, store: OffloadStore) -> None
     """A MetaTensorError listing every tensor of ``model`` still on meta and not served by
     ``store``: nothing runs on uninitialised memory."""
     slots = [s for s in unique_slots(model)
-             if s.tensor.device.type == "meta" and s.fqn not in store.items]
+             if s.tensor.device.type == "meta" and s.fqn not in store.items
+             and (not s.persistent or plan.holds(s.fqn))]  # another rank's: meta on purpose
     nonpersistent = [s for s in slots if not s.persistent]
     if nonpersistent:  # no checkpoint can fill them: the skeleton was built wrongly
         raise meta_problems(nonpersistent, "error", None, plan.main)  # type: ignore[misc]

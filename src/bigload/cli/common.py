@@ -54,15 +54,34 @@ def max_memory(text: str) -> MaxMemory:
     return MaxMemory(parsed, words)
 
 
-def budgets_of(args: argparse.Namespace) -> dict[Any, int] | None:
-    return args.max_memory.budgets if args.max_memory else None
+def budgets_of(args: argparse.Namespace, world: int | str | None = None) -> Any:
+    """``--max-memory`` as the planner takes it: None, one mapping (for every rank), or with
+    ``--world`` one per rank (the flag given once per rank, in rank order)."""
+    given = args.max_memory or []
+    if not given:
+        return None
+    if len(given) == 1:
+        return given[0].budgets
+    if not isinstance(world, int) or len(given) != world:
+        args.parser.error(f"--max-memory is given {len(given)} times: give it once (for every "
+                          f"rank) or once per rank with --world {len(given)}")
+    return [g.budgets for g in given]
 
 
-def absent_devices(given: MaxMemory | None) -> list[str]:
+def _one(given: Any) -> MaxMemory | None:
+    """The one ``--max-memory`` given (for every rank), else None."""
+    if isinstance(given, list):
+        return given[0] if len(given) == 1 else None
+    return given
+
+
+def absent_devices(given: MaxMemory | list[MaxMemory] | None) -> list[str]:
     """One sentence per budgeted device this machine does not have, in the user's words."""
     from bigload.devices import DISK, accelerator_count, accelerator_type, parse_placement
     from bigload.errors import DeviceError
 
+    if isinstance(given, list):
+        return [line for g in given for line in absent_devices(g)]
     if given is None:
         return []
     missing = []
@@ -83,6 +102,7 @@ def absent_devices(given: MaxMemory | None) -> list[str]:
 
 def with_budget_words(plan: Any, given: MaxMemory | None) -> Any:
     """``plan`` with each given budget's source in the user's words (for printing only)."""
+    given = _one(given)
     if given is None:
         return plan
     sources = {p: given.source(p) if p in given.words else s
@@ -157,11 +177,11 @@ def add_model_class(parser: argparse.ArgumentParser) -> None:
 def add_planning(parser: argparse.ArgumentParser) -> None:
     """The flags bigload.load plans with: budgets, dtype, strategy, no-split classes."""
     parser.add_argument(
-        "--max-memory", type=max_memory, metavar="KEY=SIZE,...",
+        "--max-memory", type=max_memory, metavar="KEY=SIZE,...", action="append",
         help="budgets per device: 0=20GiB,cpu=8GiB,disk=100GiB (keys: accelerator index, cuda:1, "
              "cpu, mps, disk; sizes in B, KB, MB, GB, KiB, MiB, GiB, ...). Default: free "
              "accelerator memory, 90%% of available RAM (less under a memory cgroup limit), "
-             "unbounded disk")
+             "unbounded disk. With --world, once for every rank or once per rank, in rank order")
     parser.add_argument("--dtype", type=dtype_name, default=None, metavar="DTYPE",
                         help=f"{' | '.join(DTYPES)} (default: auto = the config's dtype, else "
                              "the checkpoint's)")
@@ -173,6 +193,24 @@ def add_planning(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch", type=_count, default=None, metavar="N",
                         help="offloaded units fetched ahead of the one running (default: 1 on "
                              "an accelerator, 0 on the CPU); the plan keeps room for them")
+
+
+def add_world(parser: argparse.ArgumentParser, *, auto: bool) -> None:
+    choices = "N or auto (the torch.distributed ranks this runs on)" if auto else "N"
+    parser.add_argument(
+        "--world", type=_world if auto else _positive_int, default=None, metavar="N",
+        help=f"plan across that many torch.distributed ranks, in stages ({choices}); "
+             "default: one process")
+
+
+def _world(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _count(text: str) -> int:

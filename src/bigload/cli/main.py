@@ -96,6 +96,7 @@ EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE: `bigload plan X | he
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bigload`` with ``argv`` (default: the command line); return the exit code."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         code = _main(argv)
         sys.stdout.flush()
@@ -110,6 +111,7 @@ def _main(argv: Sequence[str] | None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors
         return _code(exit_)
+    args.argv = argv  # `bigload run --nproc N` launches itself again under torchrun
     try:
         with logging_to_stderr(args.verbose):
             return args.func(args)

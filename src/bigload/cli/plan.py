@@ -14,6 +14,7 @@ from .common import (
     add_model_class,
     add_path,
     add_planning,
+    add_world,
     budgets_of,
     dtype_str,
     model_folder,
@@ -31,6 +32,9 @@ examples:
   bigload plan ./llama/ --strategy sequential --no-split LlamaDecoderLayer
   bigload plan ./llama/ --json > plan.json                # DevicePlan.from_json(...) reads it
   bigload plan meta-llama/Llama-3.1-8B                    # a model id in the local HF cache
+  bigload plan ./llama-405b/ --world 4 --max-memory 0=80GiB,1=80GiB,2=80GiB,3=80GiB,4=80GiB,\
+      5=80GiB,6=80GiB,7=80GiB,cpu=1TiB --for-other-machine   # 4 ranks of 8 GPUs each
+  bigload plan ./llama/ --world 2 --max-memory cpu=4GiB --max-memory cpu=12GiB   # per rank
 
 Budgets that name a device this machine does not have (0=20GiB on a machine without a GPU) are
 refused, naming it, unless --for-other-machine says that the plan is for another machine; the
@@ -51,9 +55,10 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--for-other-machine", action="store_true",
                         help="plan for devices this machine does not have (budgets such as "
                              "0=20GiB without a GPU here); the output says so")
+    add_world(parser, auto=False)
     add_model_class(parser)
     add_json(parser)
-    parser.set_defaults(func=execute)
+    parser.set_defaults(func=execute, parser=parser)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -69,8 +74,10 @@ def execute(args: argparse.Namespace) -> int:
     model, index, config = hf.build_model_skeleton(
         folder, dtype=args.dtype, model_class=args.model_class)
     dtype = hf.model_dtype(config, index, args.dtype)
-    plan = hf.plan_model(model, dtype=dtype, max_memory=budgets_of(args), strategy=args.strategy,
-                         no_split_module_classes=args.no_split, prefetch=args.prefetch)
+    world = args.world or 1
+    plan = hf.plan_model(model, dtype=dtype, max_memory=budgets_of(args, world),
+                         strategy=args.strategy, no_split_module_classes=args.no_split,
+                         prefetch=args.prefetch, world=world)
     if absent:
         plan = replace(plan, notes=(*plan.notes, "planned for another machine: " + "; ".join(
             absent)))

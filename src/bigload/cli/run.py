@@ -20,6 +20,7 @@ from .common import (
     add_model_class,
     add_path,
     add_planning,
+    add_world,
     budgets_of,
     dtype_str,
     print_json,
@@ -39,6 +40,10 @@ examples:
   bigload run ./llama/ --missing error             # refuse a checkpoint that lacks tensors
   bigload run ./llama/ --json | jq .result
   bigload run Qwen/Qwen2.5-0.5B                    # a model id: downloaded if not in the cache
+  bigload run ./llama/ --nproc 2 --max-memory cpu=2GiB   # two ranks on this machine (torchrun)
+  torchrun --nproc-per-node 2 -m bigload run ./llama/ --world auto --prompt "Hello"
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      -m bigload run ./llama/ --world auto         # on each of two machines
 
 What runs: a sentence-transformers folder (modules.json) → the library's own model: embeddings
 and their similarities (encode), or for a CrossEncoder the scores of every pair of texts
@@ -48,6 +53,9 @@ takes one text (repeat the flag). Budgets must name devices this machine has (bi
 --for-other-machine plans for others). The offload directory, needed only when disk tensors must
 be converted (a dtype change, a torch .bin checkpoint), defaults to a temporary one removed at
 exit. On a terminal, a load longer than a second shows a progress bar on stderr.
+
+Across ranks (--world, --nproc) every rank loads only its stage and runs the same calls; rank 0
+prints (the others run quietly), with each rank's tensors, bytes and peak memory.
 
 The summary at the end: the time of each stage (imports are torch's, transformers' and the
 model code's, paid once per process; load is bigload.load less skeleton and plan), and the
@@ -69,6 +77,9 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     add_path(parser, "model folder (config.json + weights, or a sentence-transformers folder) "
                      "or model id", downloads=True)
     add_planning(parser)
+    add_world(parser, auto=True)
+    parser.add_argument("--nproc", type=_positive, metavar="N",
+                        help="run N ranks on this machine: launches torchrun with --world auto")
     parser.add_argument("--offload-dir", metavar="DIR",
                         help="where converted disk tensors are written (default: a temporary "
                              "directory removed at exit)")
@@ -104,6 +115,10 @@ def execute(args: argparse.Namespace) -> int:
     from .common import model_folder
     from .running import KIND_NAMES, check_tokenizer, model_kind
 
+    if args.nproc is not None:
+        from .ranks import launch
+
+        return launch(args)
     clock = stages.Clock()
     with clock.stage("imports"):
         stages.import_libraries()
@@ -117,6 +132,9 @@ def execute(args: argparse.Namespace) -> int:
             "to embed several texts give each its own flag: --text 'a cat' --text 'a dog'"))
     kind = model_kind(folder, args.model_class)
     _check_inputs(args, kind)
+    if args.world is not None and kind in ("sentence", "cross"):
+        args.parser.error("a sentence-transformers folder runs in one process; across ranks "
+                          "run its transformer folder (the path its modules.json names)")
     if kind in ("generate", "encode"):
         check_tokenizer(folder)
     with clock.stage("imports"):
@@ -127,6 +145,13 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def _load_and_run(args: argparse.Namespace, folder: Path, kind: Any, clock: Any) -> int:
+    from .ranks import quiet_unless_rank_0
+
+    with quiet_unless_rank_0(args.world):
+        return _load_and_run_here(args, folder, kind, clock)
+
+
+def _load_and_run_here(args: argparse.Namespace, folder: Path, kind: Any, clock: Any) -> int:
     from bigload import hf
 
     from . import stages
@@ -141,10 +166,12 @@ def _load_and_run(args: argparse.Namespace, folder: Path, kind: Any, clock: Any)
         with stages.timed_load(clock, show):
             with clock.stage("tokenizer"):
                 tokenizer = load_tokenizer(folder) if kind in ("generate", "encode") else None
-            model = hf.load(folder, device_map=args.strategy, max_memory=budgets_of(args),
-                            dtype=args.dtype, offload_dir=offload_dir, missing=args.missing,
+            model = hf.load(folder, device_map=args.strategy,
+                            max_memory=budgets_of(args, args.world), dtype=args.dtype,
+                            offload_dir=offload_dir, missing=args.missing,
                             model_class=args.model_class, no_split_module_classes=args.no_split,
-                            prefetch=args.prefetch, progress=bar_for(sys.stderr))
+                            prefetch=args.prefetch, progress=bar_for(sys.stderr),
+                            world=args.world)
         if not args.json:
             _say(*report_lines(model), "")
         with clock.stage("run"):
@@ -153,6 +180,10 @@ def _load_and_run(args: argparse.Namespace, folder: Path, kind: Any, clock: Any)
     memory.update(peak_rss_bytes=stages.peak_rss_bytes(),
                   accelerator_peak_bytes=stages.accelerator_peaks())
     out = summary(model, folder, kind, args, clock, memory, result)
+    if model.bigload_plan.world_size > 1:
+        from .ranks import rank_summaries
+
+        out["ranks"] = rank_summaries(out)
     if args.json:
         print_json(out)
     else:
@@ -223,7 +254,11 @@ def plan_summary(plan: Any) -> dict[str, Any]:
     each as fields; units without bytes of their own are listed apart."""
     from bigload.plan import runs
 
-    sized = [u for u in plan.units if u.size_bytes]
+    if plan.world_size > 1:
+        plan = plan.for_rank(plan.rank)
+        sized = [u for u in plan.local_units if u.size_bytes]
+    else:
+        sized = [u for u in plan.units if u.size_bytes]
     devices: dict[str, dict[str, Any]] = {
         p: {"units": 0, "bytes": 0, "budget_bytes": plan.budgets.get(p),
             "budget_source": plan.budget_sources.get(p), "ranges": []}
@@ -236,6 +271,7 @@ def plan_summary(plan: Any) -> dict[str, Any]:
         where["ranges"].append({"first": run[0].name, "last": run[-1].name, "units": len(run),
                                 "bytes": size})
     return {"main_device": plan.main_device, "strategy": plan.strategy,
+            "world_size": plan.world_size, "rank": plan.rank,
             "reserve_bytes": plan.reserve_bytes, "prefetch": plan.prefetch,
             "units": len(plan.units), "devices": devices,
             "units_without_bytes": [u.name for u in plan.units if not u.size_bytes]}
@@ -274,7 +310,13 @@ def render(out: dict[str, Any], *, streamed: bool) -> list[str]:
     from .running import render_result
 
     return [*render_result(out["result"], streamed=streamed), "",
-            time_line(out["seconds"], out["kind"]), *memory_lines(out)]
+            time_line(out["seconds"], out["kind"]), *memory_lines(out), *_rank_lines(out)]
+
+
+def _rank_lines(out: dict[str, Any]) -> list[str]:
+    from .ranks import rank_lines
+
+    return rank_lines(out)
 
 
 _HF_IMPORTS = "torch, transformers, the model's code"

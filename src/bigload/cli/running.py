@@ -188,6 +188,10 @@ def mean_pooled(model: Any, tokenizer: Any, texts: Sequence[str]) -> Any:
     batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
     batch = batch.to(model.bigload_plan.main_device)
     out = model(**batch, output_hidden_states=True)
+    if model.bigload_plan.world_size > 1:  # the hidden states are on the last stage's rank
+        from bigload import distributed
+
+        out = distributed.gather(model, out)
     tokens = getattr(out, "last_hidden_state", None)
     if tokens is None:
         tokens = out.hidden_states[-1]

@@ -30,6 +30,7 @@ from .build import (
     model_class_for,
     model_dtype,
     plan_model,
+    stage_extra_bytes,
     verify_model,
 )
 from .options import ACCEPTED_ARGUMENTS, HubSource, LoadOptions, read_json
@@ -52,6 +53,7 @@ __all__ = [
     "model_class_for",
     "model_dtype",
     "plan_model",
+    "stage_extra_bytes",
     "read_json",
     "resolve_model_path",
     "transformer_folder",
@@ -84,6 +86,9 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    world: int | str | None = None,
+    timeout: float | None = None,
+    context_tokens: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a transformers or sentence-transformers model folder, or a Hub model id, ready to run.
@@ -109,6 +114,15 @@ def load(
     A sentence-transformers folder returns the library's own object (``SentenceTransformer``,
     ``CrossEncoder``, ``SparseEncoder``... per its config, or ``model_class``); keyword arguments
     of that class (``prompts``, ``truncate_dim``, ``config_kwargs``...) are passed to it.
+
+    ``world="auto"`` (or the number of ranks) spans the torch.distributed ranks: call it on
+    every rank (torch.distributed is initialised from the environment if it is not yet). The
+    ranks agree on versions, checkpoint and plan before any weight is read; each reads only
+    its own stage's tensors; calls (the model, ``generate``) run on every rank in lockstep
+    (bigload.distributed). ``max_memory`` is then ``"auto"``/None (each rank's free memory),
+    one mapping for every rank, or one per rank; ``timeout`` (seconds) bounds every wait on
+    another rank; ``context_tokens`` is the KV cache each stage keeps room for (default:
+    min(4096, the model's positions)).
     """
     renamed, rest = translate_kwargs(kwargs)
     options = LoadOptions(
@@ -119,13 +133,30 @@ def load(
         no_split_module_classes=no_split_module_classes, offload_buffers=offload_buffers,
         headroom_bytes=headroom_bytes, ignore_mismatched_sizes=ignore_mismatched_sizes,
         attn_implementation=attn_implementation, key_mapping=key_mapping,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, world=world, timeout=timeout,
+        context_tokens=context_tokens,
     )
     source = HubSource(revision, token, cache_dir, local_files_only, force_download)
+    if world not in (None, 1):
+        from ..distributed.load import across_ranks
+
+        with across_ranks(options) as spanned:
+            return _load(path_or_id, spanned, model_class, config, subfolder, rest, source)
+    return _load(path_or_id, options, model_class, config, subfolder, rest, source)
+
+
+def _load(path_or_id: str | os.PathLike, options: LoadOptions, model_class: Any, config: Any,
+          subfolder: str, rest: dict[str, Any], source: HubSource) -> nn.Module:
     folder = resolve_model_path(path_or_id, subfolder=subfolder, source=source,
-                                trust_remote_code=trust_remote_code, progress=progress)
+                                trust_remote_code=options.trust_remote_code,
+                                progress=options.progress)
     if (folder / "modules.json").is_file():
         if not st.names_transformers_class(model_class):
+            if options.ranks is not None:
+                raise UnsupportedArgumentError(
+                    f"'{folder}' is a sentence-transformers folder: across ranks, load its "
+                    "transformer (model_class='AutoModel', or the folder modules.json names); "
+                    "pooling then runs on the rank that holds the last hidden states.")
             if config is not None:
                 raise UnsupportedArgumentError(
                     "config=... applies to a transformers folder; for the sentence-transformers "

@@ -240,17 +240,72 @@ def plan_model(
     strategy: str = "auto", no_split_module_classes: Sequence[str] | None = None,
     prefetch: int | None = None, offload_buffers: bool = False,
     headroom_bytes: int | str | None = None,
-    index: CheckpointIndex | None = None,
+    index: CheckpointIndex | None = None, world: int = 1, context_tokens: int | None = None,
 ) -> Any:
-    """The DevicePlan :func:`load` makes for a skeleton from :func:`build_model_skeleton`."""
+    """The DevicePlan :func:`load` makes for a skeleton from :func:`build_model_skeleton`
+    (over ``world`` ranks: with each stage's KV cache and logits counted)."""
 
     no_split = no_split_classes(model, no_split_module_classes)
+    extra = stage_extra_bytes(model, dtype, context_tokens) if world > 1 else None
     return plan_devices(
         model, max_memory=max_memory, strategy=strategy,  # type: ignore[arg-type]
         no_split_module_classes=no_split, dtype=dtype, offload_buffers=offload_buffers,
         headroom_bytes=headroom_bytes, keep_in_fp32_modules=keep_in_fp32_for(model, dtype),
-        prefetch=prefetch, index=index,
+        prefetch=prefetch, index=index, world=world, extra_bytes=extra,
     )
+
+
+def stage_extra_bytes(model: nn.Module, dtype: torch.dtype,
+                      context_tokens: int | None = None) -> dict[str, int]:
+    """What a rank keeps besides weights for the modules of a transformers model (module fqn →
+    bytes), an estimate from its config: each decoder block's KV cache for ``context_tokens``
+    tokens (default: min(4096, the model's positions)) and the head's logits (in ``dtype``) for
+    as many — a forward over the whole context. Models without a decoder (encoders) keep only
+    the head's."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None) or 4096
+    tokens = context_tokens if context_tokens is not None else min(4096, positions)
+    extra: dict[str, int] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is not None and id(head) in names and getattr(head, "weight", None) is not None:
+        extra[names[id(head)]] = tokens * head.weight.shape[0] * dtype.itemsize
+    per_token = _kv_bytes_per_token(text, dtype)
+    for name in _decoder_blocks(model, names):
+        extra[name] = extra.get(name, 0) + tokens * per_token
+    return extra
+
+
+def _kv_bytes_per_token(text: Any, dtype: torch.dtype) -> int:
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or 0
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden else 0)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if getattr(text, "multi_query", False):
+        kv_heads = 1
+    return 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def _decoder_blocks(model: nn.Module, names: dict[int, str]) -> list[str]:
+    """fqns of the no-split blocks that keep a KV cache: every block of a decoder-only model,
+    the decoder's blocks of an encoder-decoder, none of an encoder."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is None or id(decoder) not in names:
+            return []
+        prefix = names[id(decoder)] + "."
+    elif getattr(config, "is_decoder", False) or type(model).__name__.endswith(
+            ("ForCausalLM", "LMHeadModel")):
+        prefix = ""
+    else:
+        return []
+    return [n for n, m in model.named_modules()
+            if type(m).__name__ in classes and n.startswith(prefix)]
 
 
 def verify_model(model: nn.Module, index: CheckpointIndex) -> Any:

@@ -47,6 +47,10 @@ class LoadOptions:
     attn_implementation: str | None = None
     key_mapping: Mapping[str, str] | None = None
     trust_remote_code: bool | None = None
+    world: int | str | None = None  # several torch.distributed ranks (bigload.distributed)
+    timeout: float | None = None  # seconds a rank waits for another
+    context_tokens: int | None = None  # KV-cache tokens each stage keeps room for
+    ranks: Any = None  # the group, once joined
 
 
 @dataclass(frozen=True)
@@ -83,4 +87,5 @@ ACCEPTED_ARGUMENTS: tuple[str, ...] = (
     "prefetch", "no_split_module_classes", "offload_buffers", "headroom_bytes", "config",
     "ignore_mismatched_sizes", "attn_implementation", "trust_remote_code", "key_mapping",
     "revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download",
+    "world", "timeout", "context_tokens",
 )  # bigload.load's keyword arguments (a test checks they match its signature)

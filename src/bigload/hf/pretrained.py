@@ -88,6 +88,7 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
                      options: LoadOptions) -> None:
     """The stages, composed: plan → verify → load → dispatch."""
     key_map = {**(checkpoint_key_map(model) or {}), **(options.key_mapping or {})}
+    stored = index  # as stored (the ranks compare it), before transformers' conversions
     index, key_map = prepare_checkpoint(model, index, key_map or None)
     mismatched: tuple = ()
     missing = options.missing or "init"
@@ -95,8 +96,22 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
         index, mismatched, others_missing = _without_mismatched(model, index, key_map)
         if mismatched and missing == "error" and not others_missing:
             missing = "init"  # what ignore_mismatched_sizes asks for the mismatched tensors
-    plan = _plan(model, dtype, options, index)
+    if options.ranks is not None:  # every rank plans the stages; they agree before reading
+        from ..distributed.load import plan_stage
+
+        plan = plan_stage(options.ranks, stored, options.device_map, options.max_memory,
+                          lambda budgets: plan_model(
+                              model, dtype=dtype, max_memory=budgets, strategy=options.device_map,
+                              no_split_module_classes=options.no_split_module_classes,
+                              prefetch=options.prefetch, offload_buffers=options.offload_buffers,
+                              headroom_bytes=options.headroom_bytes, index=index,
+                              world=options.ranks.world_size,
+                              context_tokens=options.context_tokens))
+    else:
+        plan = _plan(model, dtype, options, index)
     offload_dir, temporary = _offload_dir(options.offload_dir)
+    if options.ranks is not None and not temporary:
+        offload_dir = Path(offload_dir) / f"rank{options.ranks.rank}"
     weights = WeightOptions(
         dtype=dtype, keep_in_fp32_modules=keep_in_fp32_for(model, dtype), missing=missing,  # type: ignore[arg-type]
         key_map=key_map, offload_folder=offload_dir, progress=options.progress,
@@ -105,6 +120,10 @@ def _load_checkpoint(model: nn.Module, index: CheckpointIndex, dtype: torch.dtyp
         report = verify(model, index, key_map=key_map, plan=plan)
         loaded = load_weights(model, index, plan, weights, verified=report)
     dispatch(model, plan, loaded.store)
+    if options.ranks is not None:  # calls run in lockstep with the other ranks
+        from ..distributed.load import join_lockstep
+
+        join_lockstep(options.ranks, model, plan)
     object.__setattr__(model, "bigload_report", loaded.report)
     _warn_initialised(loaded.report, mismatched)
     if temporary and loaded.report.offload_folder:

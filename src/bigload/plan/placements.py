@@ -11,7 +11,9 @@ import torch
 
 from ..devices import DISK
 
-JSON_FORMAT = "bigload.DevicePlan/2"
+JSON_FORMAT = "bigload.DevicePlan/3"
+READABLE_FORMATS = ("bigload.DevicePlan/2", JSON_FORMAT)  # /2: one rank, no rank fields
+EVERY_RANK = -1  # the rank of a unit every rank holds (a tensor of a split module)
 STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
 FROM_MAP = "device_map"  # the strategy of a plan made from a user's own device map
 

@@ -8,11 +8,15 @@ from typing import Any
 
 from ..devices import DISK, parse_placement, placement_str
 from ..errors import BigloadError, DeviceMapError
-from .placements import FROM_MAP, JSON_FORMAT, STRATEGIES
+from .placements import EVERY_RANK, FROM_MAP, READABLE_FORMATS, STRATEGIES
 
 MAX_JSON_BYTES = 256 << 20
 _UNIT_FIELDS = {"name": str, "placement": str, "size_bytes": int, "reason": str, "whole": bool,
-                "tied_to": (str, type(None)), "hook_at": (str, type(None))}
+                "tied_to": (str, type(None)), "hook_at": (str, type(None)), "rank": int,
+                "extra_bytes": int}
+_OPTIONAL_UNIT_FIELDS = {"rank": 0, "extra_bytes": 0}  # absent in format /2
+_RANK_FIELDS = {"main_device": str, "budgets": dict, "budget_sources": dict,
+                "reserve_bytes": int, "prefetch": int}
 
 
 class _Bad(Exception):
@@ -21,7 +25,7 @@ class _Bad(Exception):
 
 def parse_plan_json(text: str | bytes) -> dict[str, Any]:
     """The keyword arguments of DevicePlan for ``text`` (units as dicts of PlannedUnit's
-    fields); DeviceMapError on anything else."""
+    fields, ranks as dicts of RankSpec's); DeviceMapError on anything else."""
     try:
         return _fields(_load(text))
     except _Bad as err:
@@ -44,23 +48,34 @@ def _load(text: str | bytes) -> dict[str, Any]:
         raise _Bad(f"invalid JSON ({err})") from None
     if not isinstance(data, dict):
         raise _Bad(f"the top level is a {type(data).__name__}, not an object")
-    if data.get("format") != JSON_FORMAT:
-        raise _Bad(f"'format' is {data.get('format')!r}, expected {JSON_FORMAT!r}")
+    if data.get("format") not in READABLE_FORMATS:
+        raise _Bad(f"'format' is {data.get('format')!r}, expected one of {list(READABLE_FORMATS)}")
     return data
 
 
 def _fields(data: dict[str, Any]) -> dict[str, Any]:
     known = {"format", "units", "budgets", "main_device", "reserve_bytes", "strategy",
              "offload_buffers", "prefetch", "tie_groups", "tensor_placements", "budget_sources",
-             "notes"}
+             "notes", "world_size", "rank", "ranks"}
     extra = sorted(set(data) - known)
     if extra:
         raise _Bad(f"unknown field(s) {extra}")
     strategy = _get(data, "strategy", str)
     if strategy not in (*STRATEGIES, FROM_MAP):
         raise _Bad(f"'strategy' is {strategy!r}; one of {[*STRATEGIES, FROM_MAP]}")
+    world = _world(data)
+    ranks = tuple(_rank_spec(r, i) for i, r in enumerate(_list(data.get("ranks", []), "ranks")))
+    if world > 1 and len(ranks) != world:
+        raise _Bad(f"'ranks' has {len(ranks)} entries for world_size {world}")
+    units = tuple(_unit(u, i) for i, u in enumerate(_get(data, "units", list)))
+    bad = [u["name"] for u in units if not (0 <= u["rank"] < world or u["rank"] == EVERY_RANK)]
+    if bad:
+        raise _Bad(f"unit {bad[0]!r} names a rank outside world_size {world}")
+    rank = data.get("rank", 0)
+    if not _is(rank, int) or not 0 <= rank < world:
+        raise _Bad(f"'rank' is {rank!r}, not a rank of world_size {world}")
     return {
-        "units": tuple(_unit(u, i) for i, u in enumerate(_get(data, "units", list))),
+        "world_size": world, "rank": rank, "ranks": ranks, "units": units,
         "budgets": {_placement(k, "budgets"): _size(v, f"budgets[{k!r}]")
                     for k, v in _get(data, "budgets", dict).items()},
         "main_device": _device(_get(data, "main_device", str)),
@@ -94,15 +109,46 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind)
 
 
+def _world(data: dict[str, Any]) -> int:
+    world = data.get("world_size", 1)
+    if not _is(world, int) or world < 1:
+        raise _Bad(f"'world_size' is {world!r}, not a positive integer")
+    return world
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        raise _Bad(f"{where!r} is a {type(value).__name__}, expected list")
+    return value
+
+
+def _rank_spec(raw: Any, i: int) -> dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) != set(_RANK_FIELDS):
+        raise _Bad(f"ranks[{i}] is not an object with fields {sorted(_RANK_FIELDS)}")
+    for key, kind in _RANK_FIELDS.items():
+        if not _is(raw[key], kind):
+            raise _Bad(f"ranks[{i}].{key} is {raw[key]!r}")
+    return {
+        "main_device": _device(raw["main_device"]),
+        "budgets": {_placement(k, f"ranks[{i}].budgets"): _size(v, f"ranks[{i}].budgets[{k!r}]")
+                    for k, v in raw["budgets"].items()},
+        "budget_sources": {_placement(k, f"ranks[{i}].budget_sources"): _text(v, "budget_sources")
+                           for k, v in raw["budget_sources"].items()},
+        "reserve_bytes": _size(raw["reserve_bytes"], f"ranks[{i}].reserve_bytes"),
+        "prefetch": _size(raw["prefetch"], f"ranks[{i}].prefetch")}
+
+
 def _unit(raw: Any, i: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Bad(f"units[{i}] is a {type(raw).__name__}, not an object")
+    raw = {**_OPTIONAL_UNIT_FIELDS, **raw}
     if set(raw) != set(_UNIT_FIELDS):
         raise _Bad(f"units[{i}] has fields {sorted(raw)}; expected {sorted(_UNIT_FIELDS)}")
     for key, kind in _UNIT_FIELDS.items():
         if not _is(raw[key], kind):
             raise _Bad(f"units[{i}].{key} is {raw[key]!r}")
     _size(raw["size_bytes"], f"units[{i}].size_bytes")
+    _size(raw["extra_bytes"], f"units[{i}].extra_bytes")
     return {**raw, "placement": _placement(raw["placement"], f"units[{i}]")}
 
 

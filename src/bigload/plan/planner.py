@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,18 +15,21 @@ from ..sizes import DtypeLike, sizes_from_index
 from ..sizes import tensor_sizes as measure_tensors
 from .budgets import Budgets, balanced_targets, headroom, read_budgets
 from .placements import STRATEGIES
+from .ranks import RankOptions, plan_ranks
 from .solve import Placed, ReserveRule, check_main_device, fill, is_offload, offloaded, solve
 from .types import DevicePlan, PlannedUnit, check_prefetch, default_prefetch
 from .types import main_device_for as choose_main
 from .units import NoSplitRule, UnitSpec, class_names, no_split_rule, plan_units
 
 Strategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+MaxMemory = Mapping[DeviceLike, int | float | str]
+Adjust = Callable[[list[UnitSpec]], list[UnitSpec]]
 
 
 def plan_devices(
     model: nn.Module,
     *,
-    max_memory: Mapping[DeviceLike, int | float | str] | None = None,
+    max_memory: MaxMemory | Sequence[MaxMemory] | None = None,
     strategy: Strategy = "auto",
     no_split_module_classes: Iterable[str | type] | str | type | None = None,
     dtype: DtypeLike | None = None,
@@ -37,6 +40,8 @@ def plan_devices(
     index: Any = None,
     prefetch: int | None = None,
     preload_module_classes: Iterable[str | type] | None = None,
+    world: int = 1,
+    extra_bytes: Mapping[str, int] | None = None,
 ) -> DevicePlan:
     """Decide the placement of every parameter and buffer of ``model`` (a meta model is fine).
 
@@ -65,10 +70,17 @@ def plan_devices(
     ``offload_buffers``, the buffers of offloaded units. The plan carries ``prefetch``.
     Sizes: floats at ``dtype`` (fp32 in ``keep_in_fp32_modules``), others at their own dtype;
     ``tensor_sizes`` (fqn → bytes) or a checkpoint ``index`` override the model's shapes.
+
+    Ranks: ``world > 1`` plans over that many torch.distributed ranks: units split into
+    contiguous stages balanced by bytes, then each stage on its rank's own tiers as above.
+    ``max_memory`` is then one mapping per rank (or one for every rank; None: each rank like
+    this machine). ``extra_bytes`` (module fqn → bytes) is what a rank keeps for a module
+    besides its weights (its KV cache, the logits of the head): it counts in the balance.
     """
     if strategy not in STRATEGIES:
         raise DeviceMapError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    budgets = read_budgets(max_memory)
+    per_rank = _per_rank(max_memory, world)
+    budgets = per_rank[0]
     overrides = {
         **(sizes_from_index(index, dtype) if index is not None else {}),
         **(tensor_sizes or {}),
@@ -82,6 +94,20 @@ def plan_devices(
                                                      "preload_module_classes"),
                           rule.fqns, rule.container)
     units = plan_units(model, entries, rule)
+    if world > 1:
+        if preload_module_classes:
+            raise DeviceMapError("preload_module_classes is not supported over several ranks")
+
+        def place(stage: list[UnitSpec], budgets: Budgets, targets: Mapping[str, int],
+                  main: str, reserve_rule: ReserveRule, adjust: Adjust,
+                  ) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
+            names = frozenset(u.name for u in stage)
+            return _Placing(model, entries, rule, budgets, targets, main, adjust(stage), names,
+                            adjust).run(reserve_rule)
+
+        return plan_ranks(units, per_rank, place, extra_bytes=extra_bytes, tie_groups=tuple(
+            e.fqns for e in entries if len(e.fqns) > 1), notes=notes, options=RankOptions(
+                strategy, headroom_bytes, prefetch, offload_buffers))
     main = choose_main(budgets.accelerators())
     room = headroom(headroom_bytes, budgets, main)
     depth = default_prefetch(main) if prefetch is None else check_prefetch(prefetch)
@@ -121,19 +147,46 @@ class _Placing:
     targets: Mapping[str, int]
     main: str
     whole: list[UnitSpec]  # the units before any streams in pieces
+    only: frozenset[str] | None = None  # one rank's stage: the names of its units
+    adjust: Adjust | None = None  # the units as that rank counts them (extras, duplicates)
+
+    def pieces(self, streamed: frozenset[str]) -> list[UnitSpec]:
+        units = plan_units(self.model, self.entries, self.rule, split=streamed)
+        if self.only is not None:
+            units = [u for u in units if (u.piece_of or u.name) in self.only]
+        return self.adjust(units) if self.adjust is not None else units
 
     def run(self, reserve_rule: ReserveRule) -> tuple[list[UnitSpec], Placed, tuple[str, ...]]:
         budget, said, units = self.budgets.limits.get(self.main), (), self.whole
         placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
         streamed = _to_stream(self.model, units, placed, budget, self.main, reserve_rule)
         if streamed:
-            units = plan_units(self.model, self.entries, self.rule, split=streamed)
+            units = self.pieces(streamed)
             placed, _ = solve(units, self.budgets, self.targets, self.main, reserve_rule)
             said = (f"streamed in pieces (too big for the room on {self.main}): "
                     + ", ".join(sorted(repr(n) for n in streamed)),)
         check_main_device(units, placed, budget, self.main, reserve_rule)
         return units, fill(units, placed, self.budgets, self.targets, self.main,
                            reserve_rule), said
+
+
+def _per_rank(max_memory: Any, world: int) -> list[Budgets]:
+    """One Budgets per rank: a sequence gives each rank its own, a mapping (or None) is the
+    same for every rank."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise DeviceMapError(f"world={world!r}: give the number of ranks (an int >= 1)")
+    if isinstance(max_memory, Budgets):
+        return [max_memory] * world
+    if max_memory is None or isinstance(max_memory, Mapping):
+        return [read_budgets(max_memory)] * world
+    if isinstance(max_memory, (str, bytes)) or not isinstance(max_memory, Sequence):
+        raise DeviceMapError(
+            f"max_memory={max_memory!r}: give a mapping ({{'cpu': '8GiB'}}) or one per rank")
+    if len(max_memory) != world:
+        raise DeviceMapError(
+            f"max_memory has budgets for {len(max_memory)} rank(s) but world={world}: give one "
+            "mapping per rank, or one mapping for every rank")
+    return [m if isinstance(m, Budgets) else read_budgets(m) for m in max_memory]
 
 
 def _to_stream(

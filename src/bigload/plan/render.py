@@ -9,17 +9,18 @@ from typing import TYPE_CHECKING
 
 from ..devices import DISK, format_size
 from ..errors import format_problems
-from .placements import tier_key
+from .placements import EVERY_RANK, tier_key
 
 if TYPE_CHECKING:
     from .types import DevicePlan, PlannedUnit
 
 
 def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
-    """Consecutive units on the same placement."""
+    """Consecutive units on the same placement (of the same rank)."""
     result: list[list[PlannedUnit]] = []
     for unit in plan_units:
-        if result and result[-1][0].placement == unit.placement:
+        last = result[-1][0] if result else None
+        if last is not None and (last.rank, last.placement) == (unit.rank, unit.placement):
             result[-1].append(unit)
         else:
             result.append([unit])
@@ -28,7 +29,11 @@ def runs(plan_units: Iterable[PlannedUnit]) -> list[list[PlannedUnit]]:
 
 def render(plan: DevicePlan, *, details: bool = True) -> Iterator[str]:
     """The plan as text: a header with the budgets and where each came from, one row per device
-    (aligned columns), then with ``details`` the disk tier, the decisions and the notes."""
+    (aligned columns), then with ``details`` the disk tier, the decisions and the notes. A plan
+    over several ranks has a row per rank and device."""
+    if plan.world_size > 1:
+        yield from _render_world(plan, details=details)
+        return
     sized = [u for u in plan.units if u.size_bytes]
     yield (
         f"DevicePlan: {_plural(len(plan.units), 'unit')}, strategy {plan.strategy}, main "
@@ -111,8 +116,62 @@ def _render_decisions(plan: DevicePlan) -> Iterator[str]:
     ties = [u for u in plan.units if u.tied_to is not None and u not in starts]
     yield ""
     yield "decisions:"
-    lines = [f"{u.name or '<whole model>'} → {u.placement}: {u.reason}" for u in [*starts, *ties]]
+    where = (lambda u: f"rank {_rank(u.rank)} {u.placement}") if plan.world_size > 1 else (
+        lambda u: u.placement)
+    lines = [f"{u.name or '<whole model>'} → {where(u)}: {u.reason}" for u in [*starts, *ties]]
     yield format_problems(lines, limit=20)
+
+
+# --- several ranks -----------------------------------------------------------------------------
+def _render_world(plan: DevicePlan, *, details: bool) -> Iterator[str]:
+    yield (f"DevicePlan: {_plural(len(plan.units), 'unit')} over {plan.world_size} ranks, "
+           f"strategy {plan.strategy}")
+    views = [plan.for_rank(r) for r in range(plan.world_size)]
+    for view in views:
+        yield (f"rank {view.rank}: main device {view.main_device}, reserve "
+               f"{format_size(view.reserve_bytes)}, prefetch {view.prefetch}; budgets "
+               f"{budgets_text(view)}")
+    yield ""
+    rows = []
+    for view in views:
+        rows += _rank_rows(view, view.rank)
+    rows += _rank_rows(views[0], EVERY_RANK)  # on every rank: once
+    yield from table(["rank", "device", "units", "planned", "besides", "reserve", "budget",
+                      "holds"], rows, right={2, 3, 4, 5, 6})
+    if details:
+        for view in views:
+            for line in _render_disk([u for u in view.local_units
+                                      if u.size_bytes and u.rank == view.rank]):
+                yield f"rank {view.rank} {line}" if line.startswith("to disk") else line
+        yield from _render_decisions(plan)
+        yield from (f"note: {note}" for note in plan.notes)
+
+
+def _rank_rows(view: DevicePlan, rank: int) -> list[list[str]]:
+    """One row per device of ``view``'s rank holding units of ``rank`` (its own, or those on
+    every rank)."""
+    by_place: dict[str, list[PlannedUnit]] = {}
+    for unit in view.local_units:
+        if unit.rank == rank:
+            by_place.setdefault(unit.placement, []).append(unit)
+    own = rank == view.rank
+    rows = []
+    for placement in sorted({*by_place, *(view.budgets if own else ())}, key=tier_key):
+        mine = by_place.get(placement, [])
+        spans = [r[0].name if len(r) == 1 else f"{r[0].name} … {r[-1].name}"
+                 for r in runs(mine)] or ["-"]
+        budget = view.budgets.get(placement)
+        reserve = view.reserve_bytes if placement == view.main_device and own else 0
+        rows.append([_rank(rank), placement, str(len(mine)),
+                     format_size(sum(u.size_bytes for u in mine)),
+                     format_size(sum(u.extra_bytes for u in mine)), format_size(reserve),
+                     "-" if not own else "unbounded" if budget is None else format_size(budget),
+                     ", ".join(spans)])
+    return rows
+
+
+def _rank(rank: int) -> str:
+    return "all" if rank == EVERY_RANK else str(rank)
 
 
 def _plural(n: int, noun: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from ..devicemap import covering_entry
 from ..devices import DISK, Placement, is_accelerator, parse_placement
 from ..errors import DeviceMapError
-from .placements import JSON_FORMAT, merge_prefixes, tier_key
+from .placements import EVERY_RANK, JSON_FORMAT, merge_prefixes, tier_key
 from .plan_json import parse_plan_json
 from .render import render
 
@@ -27,6 +27,10 @@ class PlannedUnit:
     no-split rule kept it whole; ``tied_to`` names the unit that holds a tensor it shares;
     ``hook_at`` names an enclosing module whose forward reads the unit's weights directly
     (``preload_module_classes``): the unit pages in around that module's forward.
+    ``rank`` is the torch.distributed rank that holds and runs it (0 in a one-process plan;
+    ``EVERY_RANK`` for a tensor of a split module, which every rank reads: the model's own code
+    between units uses it); ``extra_bytes`` is what its rank keeps for it besides weights (its
+    KV cache, logits).
     """
 
     name: str
@@ -36,11 +40,25 @@ class PlannedUnit:
     whole: bool = False
     tied_to: str | None = None
     hook_at: str | None = None  # the module whose forward pages it in, when not its own
+    rank: int = 0
+    extra_bytes: int = 0
 
     @property
     def target(self) -> Placement:
         """The placement, parsed: a ``torch.device`` or ``"disk"``."""
         return parse_placement(self.placement, check_available=False)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What one rank of a multi-rank plan has: its main device, budgets (and where each came
+    from), the reserve kept on its main device and its prefetch depth."""
+
+    main_device: str
+    budgets: Mapping[str, int]
+    budget_sources: Mapping[str, str] = field(default_factory=dict)
+    reserve_bytes: int = 0
+    prefetch: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,12 @@ class DevicePlan:
     fqns that share one tensor: the tensor lives where its first member's unit is placed.
     ``tensor_placements`` places single tensors apart from their unit: the buffers of
     offloaded units stay on the main device unless ``offload_buffers``.
+
+    Over several ranks (``world_size > 1``) every unit names its ``rank``, ``ranks`` holds
+    each rank's budgets and main device, and the plan is seen from ``rank``: ``main_device``,
+    ``budgets``, ``budget_sources``, ``reserve_bytes`` and ``prefetch`` are that rank's
+    (:meth:`for_rank` gives another rank's view). Tensors of other ranks' units stay on
+    ``meta`` on this rank, on purpose: :meth:`holds` says which tensors this rank holds.
     """
 
     units: tuple[PlannedUnit, ...]
@@ -68,6 +92,45 @@ class DevicePlan:
     tensor_placements: Mapping[str, str] = field(default_factory=dict)
     budget_sources: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    world_size: int = 1
+    rank: int = 0
+    ranks: tuple[RankSpec, ...] = ()
+
+    # --- ranks ---------------------------------------------------------------------------------
+    def for_rank(self, rank: int) -> DevicePlan:
+        """This plan as rank ``rank`` sees it: its budgets and main device, and each tie group
+        led by a member this rank holds (a tensor shared across ranks is read by each)."""
+        if not 0 <= rank < self.world_size:
+            raise DeviceMapError(f"rank {rank} is not in this plan of {self.world_size} rank(s)")
+        if self.world_size == 1:
+            return self
+        spec = self.ranks[rank]
+        by_name = self._by_name
+        groups = tuple(_local_first(g, lambda n: _rank_of(by_name, n) in (rank, EVERY_RANK))
+                       for g in self.tie_groups)
+        units = tuple(replace(u, placement=spec.main_device) if u.rank == EVERY_RANK else u
+                      for u in self.units)
+        return replace(
+            self, rank=rank, units=units, main_device=spec.main_device,
+            budgets=dict(spec.budgets), budget_sources=dict(spec.budget_sources),
+            reserve_bytes=spec.reserve_bytes, prefetch=spec.prefetch, tie_groups=groups)
+
+    def rank_of(self, fqn: str) -> int:
+        """The rank whose unit holds tensor (or module) ``fqn``; a tied alias is held where its
+        group's first member is (in this rank's view, a member it holds if any)."""
+        unit = self.unit_of(self._tie_leader.get(fqn, fqn))
+        return unit.rank if unit is not None else self.rank
+
+    def holds(self, fqn: str) -> bool:
+        """Whether this rank holds tensor ``fqn`` (always, in a one-process plan)."""
+        return self.world_size == 1 or self.rank_of(fqn) in (self.rank, EVERY_RANK)
+
+    @property
+    def local_units(self) -> tuple[PlannedUnit, ...]:
+        """The units this rank holds and runs, in execution order."""
+        if self.world_size == 1:
+            return self.units
+        return tuple(u for u in self.units if u.rank in (self.rank, EVERY_RANK))
 
     # --- where things are ----------------------------------------------------------------------
     @cached_property
@@ -103,8 +166,10 @@ class DevicePlan:
     def memory_device(self, fqn: str) -> torch.device:
         """The device of a tensor that lives in memory (a non-persistent buffer, a tensor
         initialised for a disk unit): its placement, or the main device when that is disk or
-        when no unit holds it."""
+        when no unit holds it, or another rank's unit does."""
         if fqn not in self.tensor_placements and self.unit_of(fqn) is None:
+            return self.main
+        if not self.holds(fqn):
             return self.main
         placement = self.placement_of(fqn)
         return self.main if placement == DISK else placement  # type: ignore[return-value]
@@ -122,16 +187,16 @@ class DevicePlan:
     @property
     def offloaded(self) -> tuple[PlannedUnit, ...]:
         """Units that run on ``main_device`` but live on the CPU or on disk."""
-        return tuple(u for u in self.units if self.is_offloaded(u))
+        return tuple(u for u in self.local_units if self.is_offloaded(u))
 
     @property
     def single_placement(self) -> Placement | None:
         """The one placement of a plan that puts the whole model on one device and runs it
         there (no hooks needed), else None."""
-        placements = {u.placement for u in self.units}
+        placements = {u.placement for u in self.local_units}
         if len(placements) != 1 or self.offloaded:
             return None
-        return self.units[0].target
+        return self.local_units[0].target
 
     @property
     def device_map(self) -> dict[str, Placement]:
@@ -144,9 +209,10 @@ class DevicePlan:
 
     @property
     def bytes_per_device(self) -> dict[str, int]:
-        """Planned bytes per placement, in tier order (devices that got nothing are left out)."""
+        """Planned bytes per placement of this rank, in tier order (devices that got nothing
+        are left out)."""
         totals: dict[str, int] = {}
-        for unit in sorted(self.units, key=lambda u: tier_key(u.placement)):
+        for unit in sorted(self.local_units, key=lambda u: tier_key(u.placement)):
             totals[unit.placement] = totals.get(unit.placement, 0) + unit.size_bytes
         return totals
 
@@ -159,6 +225,8 @@ class DevicePlan:
         data["units"] = [asdict(u) for u in self.units]
         for name in ("budgets", "budget_sources", "tensor_placements"):
             data[name] = dict(getattr(self, name))
+        data["ranks"] = [{**asdict(r), "budgets": dict(r.budgets),
+                          "budget_sources": dict(r.budget_sources)} for r in self.ranks]
         return json.dumps({"format": JSON_FORMAT, **data}, indent=indent)
 
     @classmethod
@@ -167,7 +235,20 @@ class DevicePlan:
         field at fault."""
         fields = parse_plan_json(text)
         fields["units"] = tuple(PlannedUnit(**unit) for unit in fields["units"])
+        fields["ranks"] = tuple(RankSpec(**spec) for spec in fields["ranks"])
         return cls(**fields)
+
+
+def _rank_of(by_name: Mapping[str, PlannedUnit], fqn: str) -> int | None:
+    found = covering_entry(by_name, fqn)
+    return found[1].rank if found else None
+
+
+def _local_first(group: tuple[str, ...], local: Any) -> tuple[str, ...]:
+    first = next((name for name in group if local(name)), None)
+    if first is None or first == group[0]:
+        return group
+    return (first, *(name for name in group if name != first))
 
 
 def main_device_for(placements: Iterable[str], given: str | None = None) -> str:

@@ -31,6 +31,8 @@ class UnitSpec:
     tied_to: str | None = None
     buffers: tuple[str, ...] = ()  # fqns of the buffers counted in it
     piece_of: str | None = None  # the unit it is a piece of, when that unit streams in pieces
+    shared_bytes: int = 0  # bytes of the tensors it shares with earlier units (counted there)
+    is_tensor: bool = False  # a tensor of a split module, not a module
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,10 @@ def plan_units(
         size = sum(entries[i].size_bytes for i in new)
         buffers = [entries[i] for i in new if entries[i].kind == "buffer"]
         whole = rule.why_whole(module, name) is not None if module is not None else False
+        shared = sum(entries[i].size_bytes for i in held if i not in new)
         result.append(UnitSpec(name, why, size, sum(b.size_bytes for b in buffers), whole,
-                               tied_to, tuple(b.fqns[0] for b in buffers), piece_of))
+                               tied_to, tuple(b.fqns[0] for b in buffers), piece_of, shared,
+                               is_tensor=module is None))
     return result
 
 

@@ -89,7 +89,7 @@ def build_units(model: nn.Module, plan: DevicePlan) -> list[Unit]:
     units = [
         Unit(pu.name, _hook_module(model, pu.name if pu.hook_at is None else pu.hook_at),
              pu.target, plan.execution_device(pu), plan.is_offloaded(pu))
-        for pu in plan.units
+        for pu in plan.local_units
     ]
     _assign_slots(model, units, set(plan.tensor_placements))
     return [u for u in units if u.slots or u.borrowed]
