@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import bigload.offload.stream as stream_module
+import bigload.runtime.attach as attach_module
 from bigload import init_empty_weights, load_checkpoint_and_dispatch, plan_devices
 from bigload.errors import DoesNotFitError
 from bigload.runtime import state_of
@@ -92,7 +93,16 @@ def test_cpu_tier_is_memory_of_its_own_and_disk_tier_views_the_file(ckpt, eager)
 
 
 # --- the disk tier streams -----------------------------------------------------------------------
-def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eager):
+@pytest.fixture
+def tight_memory(monkeypatch):
+    """This process may take little more memory (as in a small container)."""
+    from bigload.devices import FreeMemory
+
+    monkeypatch.setattr(attach_module, "free_memory",
+                        lambda device: FreeMemory(64 << 10, "a test's tight budget"))
+
+
+def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eager, tight_memory):
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=1)
     ranges = file_ranges(ckpt)
     seen = []
@@ -106,6 +116,7 @@ def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eage
     assert seen == [False] * 3  # in the forward: a pool buffer, not the file's pages
     assert inside(model.layers[1].mlp[0].weight.data_ptr(), ranges)  # after: the view again
     state = state_of(model)
+    state.streamer.settle()  # the next forward's first unit is being read ahead
     items = [state.store.items[n] for n in state.store.items if n.startswith("layers.")]
     start, end = min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
     assert cached_pages(ckpt, start, end) == 0  # read, used, and gone from the page cache
@@ -258,3 +269,15 @@ def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager):
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(x), eager(x))
+
+
+def test_where_memory_is_plentiful_the_page_cache_is_left_to_the_kernel(ckpt, eager):
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+    state = state_of(model)
+    assert not state.streamer.drop_cache  # this machine has far more free than the disk tier
+    drop_cache(ckpt)
+    with torch.no_grad():
+        model(torch.randn(2, 64))
+    items = [state.store.items[n] for n in state.store.items if n.startswith("layers.1.")]
+    start, end = min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
+    assert cached_pages(ckpt, start, end) > 0  # warm for the next token

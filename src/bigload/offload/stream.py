@@ -4,7 +4,8 @@ unit read ahead while the current one computes. Resident memory stays at the poo
 
 The pool holds ``1 + depth`` buffers of the largest disk unit's size: exactly the room the
 planner reserves for streaming. Reads are buffered, in page-aligned chunks spread over a few
-threads, and ``POSIX_FADV_DONTNEED`` drops the pages they brought into the page cache. (On the
+threads; where memory is tight ``POSIX_FADV_DONTNEED`` drops the pages they brought into the page
+cache (``drop_cache``), else the kernel keeps them and the next token reads RAM. (On the
 development VM ``O_DIRECT`` read at half the speed of buffered reads, 540-590 vs 1,200 MB/s cold:
 docs/design.md.)
 """
@@ -85,10 +86,11 @@ class Streamer:
     reading now if it was not started; ``release(key)`` returns the buffer to the pool."""
 
     def __init__(self, buffer_bytes: int, slots: int, *, pin: bool = False,
-                 workers: int = READ_WORKERS):
+                 drop_cache: bool = True, workers: int = READ_WORKERS):
         self.buffer_bytes = buffer_bytes
         self.slots = max(1, slots)
         self.pin = pin
+        self.drop_cache = drop_cache
         self._free: list[tuple[torch.Tensor, Any]] = []
         self._allocated = 0
         self._busy: dict[str, tuple[torch.Tensor, Future]] = {}
@@ -123,6 +125,14 @@ class Streamer:
             busy = self._busy.pop(key, None)
             if busy is not None:
                 self._free.append((busy[0], after))
+
+    def settle(self) -> None:
+        """Wait for the reads in flight (a read-ahead for the next forward may still be
+        running when a forward returns)."""
+        with self._lock:
+            fills = [future for _, future in self._busy.values()]
+        for future in fills:
+            future.exception()
 
     def close(self) -> None:
         self._fills.shutdown(wait=True)
@@ -175,7 +185,7 @@ class Streamer:
         length = min(CHUNK, span.length - offset)
         target = memoryview(buffer[span.at + offset:span.at + offset + length].numpy())
         position = span.offset + offset
-        done = _read_at(span.file, span.identity, target, position)
+        done = _read_at(span.file, span.identity, target, position, drop=self.drop_cache)
         if done < length and position + done < span.file.stat().st_size:
             raise CheckpointChangedError(
                 f"'{span.file}' returned {done} of {length} bytes at offset {position}: the "
@@ -189,6 +199,8 @@ def _read_at(file: Path, identity: FileIdentity | None, target: memoryview, offs
     cache are dropped unless ``drop=False``."""
     fd = open_unchanged(file, identity)[0] if identity is not None else os.open(file, os.O_RDONLY)
     try:
+        if drop:  # no read-ahead past the range: those pages would stay behind in the cache
+            os.posix_fadvise(fd, offset, len(target), os.POSIX_FADV_RANDOM)
         done = _read_fully(fd, target, offset)
         if drop:
             os.posix_fadvise(fd, offset, len(target), os.POSIX_FADV_DONTNEED)

@@ -3,7 +3,7 @@ unit's device, offloaded weights paged in and released); ``remove_hooks`` takes 
 
 from __future__ import annotations
 
-from .dispatch import build_units, dispatch, remove_hooks, state_of
+from .attach import build_units, dispatch, remove_hooks, state_of
 from .hooks import STATE_ATTR, DispatchState, Unit
 from .moves import send_to_device
 

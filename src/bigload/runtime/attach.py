@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..devicemap import covering_entry
-from ..devices import is_accelerator, parse_device, placement_str
+from ..devices import free_memory, is_accelerator, parse_device, placement_str
 from ..errors import DispatchError
 from ..offload import OffloadStore
 from ..offload.stream import Streamer, layout
@@ -96,14 +96,20 @@ def build_units(model: nn.Module, plan: DevicePlan) -> list[Unit]:
 
 
 def _streamer(units: list[Unit], store: OffloadStore, plan: DevicePlan) -> Streamer | None:
-    """The pool disk units stream through: ``1 + prefetch`` buffers of the largest unit."""
+    """The pool disk units stream through: ``1 + prefetch`` buffers of the largest unit. The
+    reads drop the page cache behind them where memory is tight (the disk tier does not fit
+    twice in what this process may still take, a memory cgroup included); elsewhere the cache
+    is the kernel's to keep (it is reclaimable, never evicts the resident CPU tier, and serves
+    the next token from RAM)."""
     sizes = [layout([store.items[s.fqn] for s in u.slots if s.fqn in store.items
                      and store.items[s.fqn].file is not None]).nbytes
              for u in units if u.streams]
     if not sizes or not max(sizes):
         return None
-    return Streamer(max(sizes), 1 + plan.prefetch, pin=plan.main.type == "cuda"
-                    and torch.cuda.is_available())
+    disk_tier = sum(i.nbytes for i in store.items.values() if i.tier == "disk")
+    tight = 2 * disk_tier > free_memory(torch.device("cpu")).size_bytes
+    return Streamer(max(sizes), 1 + plan.prefetch, drop_cache=tight,
+                    pin=plan.main.type == "cuda" and torch.cuda.is_available())
 
 
 def _hook_module(model: nn.Module, name: str) -> nn.Module:
