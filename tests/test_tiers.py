@@ -126,7 +126,7 @@ def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eage
     assert largest <= state.streamer.buffer_bytes < largest + 3 * 4096  # page-aligned reads
 
 
-def test_the_next_disk_unit_is_read_ahead(ckpt, eager, monkeypatch):
+def test_the_next_disk_unit_is_read_ahead(ckpt, eager, monkeypatch, tight_memory):
     started = []
     real = stream_module.Streamer.start
     monkeypatch.setattr(stream_module.Streamer, "start",
@@ -141,7 +141,10 @@ def test_the_next_disk_unit_is_read_ahead(ckpt, eager, monkeypatch):
     assert started == streamed[1:] + streamed[:1]
 
 
-def test_under_autograd_the_disk_tier_gives_the_same_gradients(ckpt, eager):
+@pytest.mark.parametrize("memory", ["tight", "plentiful"])
+def test_under_autograd_the_disk_tier_gives_the_same_gradients(ckpt, eager, memory, request):
+    if memory == "tight":
+        request.getfixturevalue("tight_memory")
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
     x = torch.randn(4, 64)
     model(x).sum().backward()
@@ -150,7 +153,7 @@ def test_under_autograd_the_disk_tier_gives_the_same_gradients(ckpt, eager):
         torch.testing.assert_close(got.grad, want.grad, msg=name)
 
 
-def test_an_exception_in_a_streamed_unit_puts_every_weight_back(ckpt, eager):
+def test_an_exception_in_a_streamed_unit_puts_every_weight_back(ckpt, eager, tight_memory):
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
     ranges = file_ranges(ckpt)
     with torch.no_grad(), pytest.raises(RuntimeError):
@@ -235,7 +238,7 @@ def test_room_left_after_the_in_order_pass_is_filled():
     assert plan.bytes_per_device["cpu"] + plan.reserve_bytes <= 46
 
 
-def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager):
+def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager, tight_memory):
     from bigload.errors import CheckpointChangedError
 
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
@@ -249,7 +252,7 @@ def test_a_checkpoint_replaced_after_the_load_is_not_streamed(ckpt, eager):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_disk_units_stream_through_a_pinned_pool_onto_the_gpu(ckpt, eager):
+def test_disk_units_stream_through_a_pinned_pool_onto_the_gpu(ckpt, eager, tight_memory):
     gpu_map = {"embed": 0, "layers.0": "cpu", "layers.1": "disk", "layers.2": "disk", "norm": 0}
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=gpu_map, prefetch=1)
     state = state_of(model)
@@ -262,7 +265,7 @@ def test_disk_units_stream_through_a_pinned_pool_onto_the_gpu(ckpt, eager):
     assert model.layers[1].mlp[0].weight.device.type == "cpu"  # back on its file view
 
 
-def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager):
+def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager, tight_memory):
     # more units read ahead than reader threads: each fill waits on its reads, in another pool
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=6)
     x = torch.randn(4, 64)
@@ -271,13 +274,44 @@ def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager):
             assert torch.equal(model(x), eager(x))
 
 
-def test_where_memory_is_plentiful_the_page_cache_is_left_to_the_kernel(ckpt, eager):
-    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+def test_where_memory_is_plentiful_disk_units_run_on_their_file_views(ckpt, eager, monkeypatch):
+    advised = []
+    real = stream_module.Streamer.take
+    monkeypatch.setattr(stream_module.Streamer, "take", lambda *a: advised.append(a) or real(*a))
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=1)
     state = state_of(model)
-    assert not state.streamer.drop_cache  # this machine has far more free than the disk tier
+    assert state.streamer is None  # this machine has far more free memory than the disk tier
+    ranges = file_ranges(ckpt)
+    seen = []
+    model.layers[1].mlp[0].register_forward_pre_hook(
+        lambda m, i: seen.append(inside(m.weight.data_ptr(), ranges)))
     drop_cache(ckpt)
+    x = torch.randn(2, 64)
     with torch.no_grad():
-        model(torch.randn(2, 64))
+        for _ in range(2):
+            assert torch.equal(model(x), eager(x))
+    assert seen == [True, True] and not advised  # no copy: the file's own pages
     items = [state.store.items[n] for n in state.store.items if n.startswith("layers.1.")]
     start, end = min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
-    assert cached_pages(ckpt, start, end) > 0  # warm for the next token
+    assert cached_pages(ckpt, start, end) > 0  # the page cache keeps them for the next token
+
+
+def test_a_checkpoint_renamed_over_keeps_serving_what_was_loaded(ckpt, eager):
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+    torch.manual_seed(1)
+    replaced = ckpt.with_suffix(".new")
+    save_file(NestedBlocksModel(n=64).state_dict(), replaced)
+    os.replace(replaced, ckpt)  # the mapping holds the file that was loaded
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), eager(x))
+
+
+def test_a_checkpoint_rewritten_in_place_is_refused_not_faulted(ckpt, eager):
+    from bigload.errors import CheckpointChangedError
+
+    model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
+    with open(ckpt, "r+b") as f:  # truncated: touching its mapped pages would raise SIGBUS
+        f.truncate(1024)
+    with torch.no_grad(), pytest.raises(CheckpointChangedError, match=str(ckpt.name)):
+        model(torch.randn(2, 64))

@@ -1,14 +1,14 @@
-"""Streaming the disk tier: each use of a disk unit reads its bytes into one of a small, reused
-pool of buffers, with parallel reads that bypass (or immediately drop) the page cache, the next
-unit read ahead while the current one computes. Resident memory stays at the pool's size.
+"""Streaming the disk tier where memory is tight: each use of a disk unit reads its bytes into
+one of a small, reused pool of buffers, with parallel reads that drop the page cache behind
+them, the next unit read ahead while the current one computes. Resident memory stays at the
+pool's size, and the page cache does not grow past it. (Where memory is plentiful the runtime
+uses no pool: disk units run on views of their files and the page cache keeps them.)
 
 The pool holds ``1 + depth`` buffers of the largest disk unit's size: exactly the room the
 planner reserves for streaming. Reads are buffered, in page-aligned chunks spread over a few
-threads; where memory is tight ``POSIX_FADV_DONTNEED`` drops the pages they brought into the page
-cache (``drop_cache``), else the kernel keeps them and the next token reads RAM. (On the
-development VM ``O_DIRECT`` read at half the speed of buffered reads, 540-590 vs 1,200 MB/s cold:
-docs/design.md.)
-"""
+threads, without read-ahead past the range, and ``POSIX_FADV_DONTNEED`` drops the pages they
+brought in (``drop_cache``). (On the development VM ``O_DIRECT`` read at half the speed of
+buffered reads, 540-590 vs 1,200 MB/s cold: docs/design.md.)"""
 
 from __future__ import annotations
 

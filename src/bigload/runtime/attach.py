@@ -96,19 +96,23 @@ def build_units(model: nn.Module, plan: DevicePlan) -> list[Unit]:
 
 
 def _streamer(units: list[Unit], store: OffloadStore, plan: DevicePlan) -> Streamer | None:
-    """The pool disk units stream through: ``1 + prefetch`` buffers of the largest unit. The
-    reads drop the page cache behind them where memory is tight (the disk tier does not fit
-    twice in what this process may still take, a memory cgroup included); elsewhere the cache
-    is the kernel's to keep (it is reclaimable, never evicts the resident CPU tier, and serves
-    the next token from RAM)."""
+    """The pool disk units stream through where memory is tight: ``1 + prefetch`` buffers of
+    the largest unit, read for each use with the page cache dropped behind (the disk tier does
+    not fit twice in what this process may still take, a memory cgroup included). Where memory
+    is plentiful there is no pool: disk units run on views of their files, released after use,
+    and the page cache (reclaimable, never the resident CPU tier) serves the next token from RAM
+    without a copy (1 GB Llama, half on disk, warm: 0.12 s a decode step on views against
+    0.19-0.27 s through the pool; evicted between tokens the pool's parallel reads win:
+    docs/design.md)."""
+    disk_tier = sum(i.nbytes for i in store.items.values() if i.tier == "disk")
+    if 2 * disk_tier <= free_memory(torch.device("cpu")).size_bytes:
+        return None
     sizes = [layout([store.items[s.fqn] for s in u.slots if s.fqn in store.items
                      and store.items[s.fqn].file is not None]).nbytes
              for u in units if u.streams]
     if not sizes or not max(sizes):
         return None
-    disk_tier = sum(i.nbytes for i in store.items.values() if i.tier == "disk")
-    tight = 2 * disk_tier > free_memory(torch.device("cpu")).size_bytes
-    return Streamer(max(sizes), 1 + plan.prefetch, drop_cache=tight,
+    return Streamer(max(sizes), 1 + plan.prefetch,
                     pin=plan.main.type == "cuda" and torch.cuda.is_available())
 
 

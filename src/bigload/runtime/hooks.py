@@ -197,7 +197,10 @@ def page_in(state: DispatchState, unit: Unit) -> None:
         host = state.streamer.take(unit.name, _disk_items(state, unit))
         state.streaming.add(unit.name)
         swap_in(state, unit, unit.slots, host)
-    elif unit.swaps:
+        return
+    if unit.placement == DISK:
+        state.store.check_mapped(s.fqn for s in unit.slots)
+    if unit.swaps:
         swap_in(state, unit, unit.slots)
 
 
@@ -299,8 +302,8 @@ def prefetch_next(state: DispatchState, position: int) -> None:
     for unit in upcoming:
         if unit.streams and state.streamer is not None and _stream_now(unit):
             state.streamer.start(unit.name, _disk_items(state, unit))
-        elif unit.placement == DISK:
-            state.store.prefetch(s.fqn for s in unit.slots)
+        elif unit.placement == DISK:  # on the CPU the forward maps the pages itself
+            state.store.prefetch((s.fqn for s in unit.slots), map_pages=unit.swaps)
         if unit.swaps and not unit.streams and state.stream is not None and (
                 unit.name not in state.ahead):
             _copy_ahead(state, unit)
