@@ -60,9 +60,9 @@ prints (the others run quietly), with each rank's tensors, bytes and peak memory
 The summary at the end: the time of each stage (imports are torch's, transformers' and the
 model code's, paid once per process; load is bigload.load less skeleton and plan), and the
 resident memory (RSS) before the load — Python, torch, transformers: no budget covers it — and
-its peak since, with the weights of each tier. Disk-tier weights stay in their files: each unit
-is read as it runs into streaming buffers (the plan's reserve); file pages mapped for a view
-count in RSS only while it is used.
+its peak since, with the weights of each tier. Disk-tier weights stay in their files: where
+memory is tight each unit is read as it runs into streaming buffers (the plan's reserve), else
+it runs on views of its file, mapped (in RSS) only while it runs.
 """
 
 
@@ -242,11 +242,22 @@ def summary(model: Any, folder: Path, kind: str, args: argparse.Namespace, clock
 
     memory["weights_bytes"] = dict(sorted(report.bytes_per_device.items(),
                                           key=lambda item: tier_key(item[0])))
+    memory["disk_tier"] = _disk_tier_mode(model)
     return {"model": str(folder), "kind": kind, "model_class": type(model).__name__,
             "transformers_class": report.model_class,
             "plan": plan_summary(with_budget_words(model.bigload_plan, args.max_memory)),
             "seconds": seconds, "memory": memory, "load_report": report_summary(report),
             "result": result}
+
+
+def _disk_tier_mode(model: Any) -> str:
+    """How disk units run: ``"streamed"`` through the pool (memory is tight), else on
+    ``"views"`` of their files."""
+    from bigload.runtime import state_of
+
+    states = (state_of(m) for m in model.modules()) if hasattr(model, "modules") else ()
+    state = next((s for s in states if s is not None), None)
+    return "streamed" if state is not None and state.streamer is not None else "views"
 
 
 def plan_summary(plan: Any) -> dict[str, Any]:
@@ -381,10 +392,14 @@ def _weights(out: dict[str, Any], format_size: Any) -> list[str]:
             lines.append(f"cpu-tier weights {format_size(size)}, read into RAM{of}")
         elif device == "disk":
             source = "the checkpoint" + (" and the offload folder" if written else "")
-            lines.append(f"disk-tier weights {format_size(size)}, left in {source}: each unit "
-                         f"is read as it runs into streaming buffers (the plan's "
-                         f"{format_size(reserve)} reserve, in RSS); file pages mapped for a "
-                         "view count in RSS only while it is used")
+            if out["memory"].get("disk_tier") == "views":
+                how = ("each unit runs on views of its file, mapped (in RSS) only while it "
+                       "runs; its pages are left to the page cache, which this machine has "
+                       "room for")
+            else:
+                how = (f"each unit is read as it runs into streaming buffers (the plan's "
+                       f"{format_size(reserve)} reserve, in RSS), the page cache dropped behind")
+            lines.append(f"disk-tier weights {format_size(size)}, left in {source}: {how}")
         else:
             peak = f"; peak allocated {format_size(peaks[device])}" if device in peaks else ""
             lines.append(f"{device} weights {format_size(size)}{of}, not in RSS{peak}")
