@@ -101,7 +101,7 @@ def measure(checkpoint: Path, dtype: str) -> dict:
 def test_fp32_load_onto_cpu_peaks_near_the_model_bytes(checkpoint):
     figures = measure(checkpoint, "float32")
     assert figures["same"]
-    assert figures["zero_copy"] == 0 and figures["tensors"] == 24
+    assert figures["zero_copy"] == 24 and figures["tensors"] == 24  # the file's pages, mapped
     assert figures["delta"] <= figures["model_bytes"] * 1.25 + 50 * MB, figures
 
 
