@@ -7,7 +7,7 @@ uses no pool: disk units run on views of their files and the page cache keeps th
 The pool holds ``1 + depth`` buffers of the largest disk unit's size: exactly the room the
 planner reserves for streaming. Reads are buffered, in page-aligned chunks spread over a few
 threads, without read-ahead past the range, and ``POSIX_FADV_DONTNEED`` drops the pages they
-brought in (``drop_cache``). (On the development VM ``O_DIRECT`` read at half the speed of
+brought in. (On the development VM ``O_DIRECT`` read at half the speed of
 buffered reads, 540-590 vs 1,200 MB/s cold: docs/design.md.)"""
 
 from __future__ import annotations
@@ -86,11 +86,10 @@ class Streamer:
     reading now if it was not started; ``release(key)`` returns the buffer to the pool."""
 
     def __init__(self, buffer_bytes: int, slots: int, *, pin: bool = False,
-                 drop_cache: bool = True, workers: int = READ_WORKERS):
+                 workers: int = READ_WORKERS):
         self.buffer_bytes = buffer_bytes
         self.slots = max(1, slots)
         self.pin = pin
-        self.drop_cache = drop_cache
         self._free: list[tuple[torch.Tensor, Any]] = []
         self._allocated = 0
         self._busy: dict[str, tuple[torch.Tensor, Future]] = {}
@@ -185,7 +184,7 @@ class Streamer:
         length = min(CHUNK, span.length - offset)
         target = memoryview(buffer[span.at + offset:span.at + offset + length].numpy())
         position = span.offset + offset
-        done = _read_at(span.file, span.identity, target, position, drop=self.drop_cache)
+        done = _read_at(span.file, span.identity, target, position)
         if done < length and position + done < span.file.stat().st_size:
             raise CheckpointChangedError(
                 f"'{span.file}' returned {done} of {length} bytes at offset {position}: the "
