@@ -95,11 +95,9 @@ def test_cpu_tier_is_memory_of_its_own_and_disk_tier_views_the_file(ckpt, eager)
 # --- the disk tier streams -----------------------------------------------------------------------
 @pytest.fixture
 def tight_memory(monkeypatch):
-    """This process may take little more memory (as in a small container)."""
-    from bigload.devices import FreeMemory
-
-    monkeypatch.setattr(attach_module, "free_memory",
-                        lambda device: FreeMemory(64 << 10, "a test's tight budget"))
+    """This process may take little more memory (as in a small container): the page cache
+    cannot hold the disk tier."""
+    monkeypatch.setattr(attach_module, "cache_can_hold", lambda nbytes: False)
 
 
 def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eager, tight_memory):

@@ -310,6 +310,14 @@ def free_memory(device: torch.device) -> FreeMemory:
     raise DeviceError(f"cannot ask {device} for its free memory")
 
 
+def cache_can_hold(nbytes: int) -> bool:
+    """Whether ``nbytes`` of file pages can stay in the page cache: they fit twice in what this
+    process may still take (the host's available RAM, or less under a memory cgroup). Where
+    they do, the tiers serve weights as views of their files; elsewhere as memory of their own
+    (the CPU tier) and reads that drop the cache behind them (the disk tier)."""
+    return 2 * nbytes <= free_memory(torch.device("cpu")).size_bytes
+
+
 def memory_source(found: AvailableMemory) -> str:
     """'available RAM (21.3 GiB)', or '2.1 GiB free under the cgroup limit 3.0 GiB (memory.max
     of /sys/fs/cgroup/job)'."""

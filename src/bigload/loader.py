@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointIndex, CheckpointReader, open_reader
-from .devices import DISK, Placement, free_memory, parse_dtype, placement_str
+from .devices import DISK, Placement, cache_can_hold, parse_dtype, placement_str
 from .errors import DeviceMapError, OffloadError, format_problems
 from .journal import Journal
 from .offload import OffloadItem, OffloadStore, StoredTensor, serve_from_folder
@@ -299,7 +299,7 @@ def _place_direct(jobs, reader, plan, loaded, journal, bar) -> None:  # noqa: AN
     pin = plan.main.type != "cpu"
     tight = any(u.placement == DISK for u in plan.units)  # memory is tight: drop the cache
     cpu_tier = sum(j.nbytes for j in direct if j.placement.type == "cpu")
-    views = not tight and not pin and 2 * cpu_tier <= free_memory(torch.device("cpu")).size_bytes
+    views = not tight and not pin and cache_can_hold(cpu_tier)
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigload-load") as pool:
         for job, (new, stored_dtype, zero_copy) in zip(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..devicemap import covering_entry
-from ..devices import free_memory, is_accelerator, parse_device, placement_str
+from ..devices import cache_can_hold, is_accelerator, parse_device, placement_str
 from ..errors import DispatchError
 from ..offload import OffloadStore
 from ..offload.stream import Streamer, layout
@@ -105,7 +105,7 @@ def _streamer(units: list[Unit], store: OffloadStore, plan: DevicePlan) -> Strea
     0.19-0.27 s through the pool; evicted between tokens the pool's parallel reads win:
     docs/design.md)."""
     disk_tier = sum(i.nbytes for i in store.items.values() if i.tier == "disk")
-    if 2 * disk_tier <= free_memory(torch.device("cpu")).size_bytes:
+    if cache_can_hold(disk_tier):
         return None
     sizes = [layout([store.items[s.fqn] for s in u.slots if s.fqn in store.items
                      and store.items[s.fqn].file is not None]).nbytes
