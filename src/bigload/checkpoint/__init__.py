@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ._files import open_unchanged
+from ._files import open_unchanged, rewritten_in_place
 from ._types import FileIdentity
 from .index import CheckpointIndex, TensorEntry, read_index
 from .reader import CheckpointReader, open_reader
@@ -16,4 +16,5 @@ __all__ = [
     "open_reader",
     "open_unchanged",
     "read_index",
+    "rewritten_in_place",
 ]

@@ -115,6 +115,19 @@ def open_unchanged(path: Path, expected: FileIdentity) -> tuple[int, os.stat_res
     return fd, st
 
 
+def rewritten_in_place(path: Path, expected: FileIdentity) -> list[str]:
+    """How ``path``, still the file ``expected`` describes (same inode and device), differs
+    from it: written since it was indexed. Empty when unchanged, removed, or replaced by
+    another file (a mapping of the indexed file still holds its content then)."""
+    try:
+        found = file_identity(os.stat(path))
+    except OSError:
+        return []
+    if (found.inode, found.device) != (expected.inode, expected.device):
+        return []
+    return _differences(expected, found)
+
+
 def check_content(path: Path, expected: FileIdentity, found_content_id: str) -> None:
     if found_content_id != expected.content_id:
         raise changed(path, ["its header bytes differ"])

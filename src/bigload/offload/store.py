@@ -5,7 +5,6 @@ thread and released after use."""
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..checkpoint import CheckpointReader, FileIdentity
+from ..checkpoint import CheckpointReader, FileIdentity, rewritten_in_place
 from ..errors import CheckpointChangedError
 from ..pages import MADV_POPULATE_READ, advise
 from ..sizes import tensor_nbytes
@@ -100,19 +99,13 @@ class OffloadStore:
         files = {(i.file, i.identity) for i in map(self.items.get, fqns)
                  if i is not None and i.mm is not None and i.identity is not None}
         for file, identity in files:
-            try:
-                st = os.stat(file)
-            except OSError:
-                continue  # removed: the mapping still holds the indexed file
-            if (st.st_ino, st.st_dev) != (identity.inode, identity.device):
-                continue
-            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-                    identity.size, identity.mtime_ns, identity.ctime_ns):
+            differences = rewritten_in_place(file, identity)
+            if differences:
                 raise CheckpointChangedError(
                     f"checkpoint file '{file}' was rewritten in place after the model was "
-                    "loaded: its weights served from disk no longer hold what was loaded. Load "
-                    "the model again (and write new checkpoints to a new file, or rename over "
-                    "the old one).")
+                    f"loaded ({'; '.join(differences)}): its weights served from disk no "
+                    "longer hold what was loaded. Load the model again (and write new "
+                    "checkpoints to a new file, or rename over the old one).")
 
     def release(self, fqns: Iterable[str]) -> None:
         """Drop the pages of disk-tier ``fqns`` from this process's memory."""
