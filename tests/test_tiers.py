@@ -79,6 +79,21 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
+def where_weights_run(model: nn.Module, ranges: list[tuple[int, int]]) -> list[bool]:
+    """Per forward of ``layers.1.mlp.0`` (a disk unit), whether its weight was the file's own
+    pages; the hook runs after bigload's, which paged it in."""
+    seen: list[bool] = []
+    model.layers[1].mlp[0].register_forward_pre_hook(
+        lambda m, i: seen.append(inside(m.weight.data_ptr(), ranges)))
+    return seen
+
+
+def byte_span(state, prefix: str) -> tuple[int, int]:
+    """The checkpoint bytes of the stored tensors whose names start with ``prefix``."""
+    items = [state.store.items[n] for n in state.store.items if n.startswith(prefix)]
+    return min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
+
+
 # --- the CPU tier is resident ------------------------------------------------------------------
 def test_cpu_tier_is_memory_of_its_own_and_disk_tier_views_the_file(ckpt, eager):
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED)
@@ -103,9 +118,7 @@ def tight_memory(monkeypatch):
 def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eager, tight_memory):
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=1)
     ranges = file_ranges(ckpt)
-    seen = []
-    model.layers[1].mlp[0].register_forward_pre_hook(  # runs after bigload's, which paged in
-        lambda m, i: seen.append(inside(m.weight.data_ptr(), ranges)))
+    seen = where_weights_run(model, ranges)
     drop_cache(ckpt)
     x = torch.randn(4, 64)
     with torch.no_grad():
@@ -115,8 +128,7 @@ def test_disk_units_stream_through_the_pool_and_leave_no_pages_behind(ckpt, eage
     assert inside(model.layers[1].mlp[0].weight.data_ptr(), ranges)  # after: the view again
     state = state_of(model)
     state.streamer.settle()  # the next forward's first unit is being read ahead
-    items = [state.store.items[n] for n in state.store.items if n.startswith("layers.")]
-    start, end = min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
+    start, end = byte_span(state, "layers.")
     assert cached_pages(ckpt, start, end) == 0  # read, used, and gone from the page cache
     assert state.streamer.slots == 2  # 1 + prefetch buffers of the largest disk unit
     largest = max(sum(state.store.items[s.fqn].nbytes for s in u.slots)
@@ -273,24 +285,21 @@ def test_a_deep_read_ahead_never_starves_the_readers(ckpt, eager, tight_memory):
 
 
 def test_where_memory_is_plentiful_disk_units_run_on_their_file_views(ckpt, eager, monkeypatch):
-    advised = []
+    taken = []
     real = stream_module.Streamer.take
-    monkeypatch.setattr(stream_module.Streamer, "take", lambda *a: advised.append(a) or real(*a))
+    monkeypatch.setattr(stream_module.Streamer, "take", lambda *a: taken.append(a) or real(*a))
     model = load_checkpoint_and_dispatch(skeleton(n=64), ckpt, device_map=MIXED, prefetch=1)
     state = state_of(model)
     assert state.streamer is None  # this machine has far more free memory than the disk tier
     ranges = file_ranges(ckpt)
-    seen = []
-    model.layers[1].mlp[0].register_forward_pre_hook(
-        lambda m, i: seen.append(inside(m.weight.data_ptr(), ranges)))
+    seen = where_weights_run(model, ranges)
     drop_cache(ckpt)
     x = torch.randn(2, 64)
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(x), eager(x))
-    assert seen == [True, True] and not advised  # no copy: the file's own pages
-    items = [state.store.items[n] for n in state.store.items if n.startswith("layers.1.")]
-    start, end = min(i.byte_range[0] for i in items), max(i.byte_range[1] for i in items)
+    assert seen == [True, True] and not taken  # no copy: the file's own pages
+    start, end = byte_span(state, "layers.1.")
     assert cached_pages(ckpt, start, end) > 0  # the page cache keeps them for the next token
 
 
